@@ -1,0 +1,1 @@
+"""fusionserve's engine: model, paged KV cache, scheduler and the Python ``Pipeline``."""
