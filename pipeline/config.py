@@ -1,0 +1,68 @@
+"""EngineConfig: every engine option in one dataclass, validated once, passed whole."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "samples" / "fuyu-shapes"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # Hugging Face-format folder; None: the bundled model
+    device: str = "cpu"
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 elsewhere
+    attention_backend: str = "auto"  # auto | torch | flash | triton
+    block_size: int = 16
+    num_blocks: int | None = None  # KV pool size in blocks; overrides kv_cache_memory
+    kv_cache_memory: float | None = None  # bytes (>1) or a fraction of free memory (0, 1]; None: 0.5 on CUDA, 1 GiB else
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # CUDA only; () disables
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = str(BUNDLED_MODEL)
+        if not Path(self.model).is_dir():
+            raise ValueError(f"model folder {self.model!r} does not exist")
+        try:
+            self.device = str(torch.device(self.device))
+        except RuntimeError as exc:
+            raise ValueError(f"bad device {self.device!r}: {exc}") from exc
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
+        if self.dtype is None:
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be bytes (>1) or a fraction in (0, 1], got {self.kv_cache_memory}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
+        self.cuda_graph_batch_sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_options(cls, **options) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
