@@ -1,0 +1,167 @@
+"""SamplingParams and the batched sampler (greedy, temperature, top-k/p, min-p, repetition penalty, seed)."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_LOGPROBS = 20
+_GREEDY_EPS = 1e-5  # temperature below this is greedy (vLLM's convention)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling options; defaults follow vLLM. Bad values raise ValueError."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0 or -1: all tokens
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the sampled token's only; k: plus top-k alternatives
+
+    def __post_init__(self):
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 for all tokens, got {self.top_k!r}")
+        if self.top_k == -1:
+            self.top_k = 0
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float] | None = None  # sampled token's logprob, per row
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token id, logprob), best first
+
+
+def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, token_history: list[list[int]]) -> None:
+    """In place, as transformers' RepetitionPenaltyLogitsProcessor: seen tokens' positive logits / p, negative * p."""
+    lengths = torch.tensor([len(h) for h in token_history], device=logits.device)
+    if int(lengths.sum()) == 0:
+        return
+    rows = torch.repeat_interleave(torch.arange(len(token_history), device=logits.device), lengths)
+    cols = torch.tensor(list(itertools.chain.from_iterable(token_history)), device=logits.device, dtype=torch.long)
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[rows, cols] = True
+    p = penalties[:, None].expand_as(logits)
+    penalized = torch.where(logits < 0, logits * p, logits / p)
+    logits.copy_(torch.where(seen, penalized, logits))
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
+    """Masks [B, V] logits with -inf; top_k [B] (0 = off), top_p [B], min_p [B]. Ties at the k-th value are kept."""
+    vocab_size = logits.shape[-1]
+    sorted_logits, _ = logits.sort(dim=-1, descending=True)  # [B, V]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
+    kth = sorted_logits.gather(1, (k - 1)[:, None])  # [B, 1]
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] probability of better-ranked tokens
+    keep_sorted = mass_above < top_p[:, None]
+    keep_sorted[:, 0] = True
+    num_keep = keep_sorted.sum(dim=-1, keepdim=True)  # [B, 1]
+    cutoff = sorted_logits.gather(1, num_keep - 1)
+    logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    too_unlikely = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(too_unlikely, float("-inf"))
+
+
+class Sampler:
+    """Samples one token per row. Seeded rows draw their noise only from their own generator, so a request's
+    tokens do not depend on its batch companions (exponential race: argmax(probs / q), q ~ Exp(1)).
+    Logprobs are of the raw model distribution (before penalties and temperature), as vLLM's default."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        token_history: list[list[int]] | None = None,
+    ) -> SamplerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators)
+        device = logits.device
+        raw = logits.float()
+        logits = raw.clone()
+        penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
+        if token_history is not None and any(p.repetition_penalty != 1.0 for p in params):
+            apply_repetition_penalty(logits, penalties, token_history)
+        greedy = torch.tensor([p.is_greedy for p in params], device=device)
+        greedy_ids = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            token_ids = greedy_ids
+        else:
+            temperature = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=device)
+            logits = logits / temperature[:, None]
+            if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+                top_k = torch.tensor([p.top_k for p in params], device=device)
+                top_p = torch.tensor([p.top_p for p in params], device=device)
+                min_p = torch.tensor([p.min_p for p in params], device=device)
+                logits = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+            probs = logits.softmax(dim=-1)
+            q = torch.empty_like(probs).exponential_()
+            for row, gen in enumerate(generators):
+                if gen is not None:
+                    q[row].exponential_(generator=gen)
+            sampled_ids = (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
+            token_ids = torch.where(greedy, greedy_ids, sampled_ids)
+        out = SamplerOutput(token_ids=token_ids.tolist())
+        if any(p.logprobs is not None for p in params):
+            self._add_logprobs(out, raw, token_ids, params)
+        return out
+
+    @staticmethod
+    def _add_logprobs(out: SamplerOutput, raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]):
+        logprobs = raw.log_softmax(dim=-1)  # [B, V]
+        out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
+        max_k = min(max(p.logprobs or 0 for p in params), raw.shape[-1])
+        top_values, top_ids = logprobs.topk(max_k, dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        out.top_logprobs = [
+            list(zip(ids[: p.logprobs or 0], vals[: p.logprobs or 0])) for ids, vals, p in zip(top_ids, top_values, params)
+        ]
