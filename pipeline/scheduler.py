@@ -1,0 +1,166 @@
+"""Continuous batching: per-step token budget, chunked prefill mixed with decodes, preemption by recompute."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pipeline.block_manager import BlockManager
+from pipeline.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: request i computes its tokens [num_computed_tokens, num_computed_tokens + num_new_tokens[i])."""
+
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+    def add(self, req: Request, num_new_tokens: int) -> None:
+        self.requests.append(req)
+        self.num_new_tokens.append(num_new_tokens)
+
+
+class Scheduler:
+    """First come, first served. Each step schedules the running requests (oldest first, a decode or the next
+    prefill chunk each), then admits waiting ones while the token budget, max_num_seqs and blocks allow. When
+    blocks run out the newest running request is preempted: its blocks are freed and it goes back to the front
+    of the waiting queue to recompute prompt + outputs."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool = True,
+    ):
+        assert max_num_seqs >= 1 and max_num_batched_tokens >= 1 and max_model_len >= 1
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def max_seq_len(self, req: Request) -> int:
+        return min(req.num_prompt_tokens + req.sampling_params.max_tokens, self.max_model_len)
+
+    def reject_reason(self, req: Request) -> str | None:
+        """Why the request could never be scheduled (the engine raises it as a ValueError at add time)."""
+        if req.num_prompt_tokens >= self.max_model_len:
+            return (f"prompt has {req.num_prompt_tokens} tokens; max_model_len is {self.max_model_len}, "
+                    f"which leaves no room to generate: shorten the prompt or use fewer/smaller media")
+        num_blocks = self.block_manager.num_blocks_for(self.max_seq_len(req))
+        if num_blocks > self.block_manager.num_blocks:
+            return (f"prompt + max_tokens needs {num_blocks} KV blocks but the cache holds "
+                    f"{self.block_manager.num_blocks}: lower max_tokens or shorten the prompt")
+        if not self.enable_chunked_prefill and self.max_seq_len(req) > self.max_num_batched_tokens:
+            return (f"prompt + max_tokens ({self.max_seq_len(req)} tokens) exceeds max_num_batched_tokens "
+                    f"({self.max_num_batched_tokens}) with chunked prefill off: lower max_tokens or enable it")
+        return None
+
+    def add(self, req: Request) -> None:
+        assert self.reject_reason(req) is None, self.reject_reason(req)
+        assert req.status == RequestStatus.WAITING and not req.block_ids
+        self.waiting.append(req)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:  # running: decodes and prefill chunks
+            req = self.running[i]
+            num_new = req.num_tokens - req.num_computed_tokens
+            assert num_new > 0 and req.num_tokens <= self.max_model_len
+            assert self.enable_chunked_prefill or num_new == 1
+            num_new = min(num_new, budget)
+            while not self.block_manager.can_allocate(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                self.block_manager.allocate(req, num_new)
+                out.add(req, num_new)
+                budget -= num_new
+                i += 1
+        if out.preempted:
+            return out
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:  # admit
+            req = self.waiting[0]
+            cached_blocks, num_cached = self.block_manager.find_cached_prefix(req)
+            num_new = req.num_tokens - num_cached
+            if not self.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if not self.block_manager.can_allocate(req, num_new, cached_blocks):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_cached
+            self.block_manager.allocate(req, num_new, cached_blocks)
+            req.num_cached_tokens = max(req.num_cached_tokens, min(num_cached, req.num_prompt_tokens))
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.add(req, num_new)
+            budget -= num_new
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int | None]) -> None:
+        """Advances computed tokens; a request whose step reached its last token gets its sampled token."""
+        assert len(sampled) == len(out.requests)
+        for req, num_new, token_id in zip(out.requests, out.num_new_tokens, sampled):
+            if req.status.is_finished:  # aborted during the step
+                continue
+            req.num_computed_tokens += num_new
+            assert req.num_computed_tokens <= req.num_tokens
+            self.block_manager.cache_full_blocks(req)
+            if req.num_computed_tokens == req.num_tokens:
+                assert token_id is not None, f"request {req.request_id} finished its step without a sampled token"
+                req.append_token(token_id)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        assert status.is_finished and not req.status.is_finished
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        req.status = status
+
+    def abort(self, request_id: str) -> Request | None:
+        for req in (*self.running, *self.waiting):
+            if req.request_id == request_id:
+                self.finish(req, RequestStatus.FINISHED_ABORTED)
+                return req
+        return None
