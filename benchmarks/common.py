@@ -1,0 +1,31 @@
+"""Shared set-up for benchmarks: the benchmark model and timing helpers."""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+# random Fuyu named by the issues: hidden 512, 8 layers, 8 heads, intermediate 2048, vocab 1024, patch 16
+BENCH_MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048,
+                   vocab_size=1024, patch_size=16)
+
+
+def bench_checkpoint(target_size: int = 256, **overrides) -> Path:
+    from samples.random_checkpoint import make_checkpoint
+
+    folder = Path(tempfile.mkdtemp(prefix="fusionserve-bench-"))
+    return make_checkpoint(folder, seed=0, target_height=target_size, target_width=target_size,
+                           **{**BENCH_MODEL, **overrides})
+
+
+def time_it(fn, repeat: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)

@@ -1,0 +1,91 @@
+"""The torch reference backend vs plain per-sequence softmax attention written here."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pipeline.attention import AttentionMetadata, forward_context, get_backend, resolve_backend_name
+
+
+def naive_attention(q, k, v, scale):
+    """q [Q, H, D] are the last Q of the S keys/values [S, Hkv, D]; causal, plain matmul + softmax."""
+    num_q, num_s = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,shd->hqs", q, k) * scale
+    q_pos = torch.arange(num_s - num_q, num_s)[:, None]
+    scores = scores.masked_fill(torch.arange(num_s)[None, :] > q_pos, float("-inf"))
+    return torch.einsum("hqs,shd->qhd", scores.softmax(-1), v)
+
+
+def run_case(query_lens, seq_lens, block_size, num_heads, num_kv_heads, head_dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 3
+    blocks = list(range(num_blocks))
+    random.Random(seed).shuffle(blocks)
+    tables, at = [], 0
+    for s in seq_lens:
+        n = -(-s // block_size)
+        tables.append(blocks[at:at + n])
+        at += n
+    k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    full_k = [torch.randn(s, num_kv_heads, head_dim, generator=g) for s in seq_lens]
+    full_v = [torch.randn(s, num_kv_heads, head_dim, generator=g) for s in seq_lens]
+    # the cached prefix of each sequence is already in the pool
+    for table, s, q_len, k, v in zip(tables, seq_lens, query_lens, full_k, full_v):
+        for pos in range(s - q_len):
+            k_cache[table[pos // block_size], pos % block_size] = k[pos]
+            v_cache[table[pos // block_size], pos % block_size] = v[pos]
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=g)
+    new_k = torch.cat([k[s - ql:] for k, s, ql in zip(full_k, seq_lens, query_lens)])
+    new_v = torch.cat([v[s - ql:] for v, s, ql in zip(full_v, seq_lens, query_lens)])
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size)
+    backend = get_backend("torch", "cpu")
+    scale = head_dim ** -0.5
+    with forward_context(meta, backend):
+        out = backend.forward(q, new_k, new_v, k_cache, v_cache, meta, scale)
+    expected, start = [], 0
+    for ql, k, v in zip(query_lens, full_k, full_v):
+        expected.append(naive_attention(q[start:start + ql], k, v, scale))
+        start += ql
+    torch.testing.assert_close(out, torch.cat(expected), atol=1e-5, rtol=1e-5)
+    # the new K/V landed in their slots
+    for table, s, k in zip(tables, seq_lens, full_k):
+        got = torch.stack([k_cache[table[p // block_size], p % block_size] for p in range(s)])
+        torch.testing.assert_close(got, k)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_decode_batch(block_size):
+    run_case([1, 1, 1, 1], [1, 7, 33, 16], block_size, num_heads=4, num_kv_heads=4)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_prefill_and_chunks_with_cached_prefix(num_kv_heads):
+    run_case([9, 5, 20], [9, 30, 20], block_size=8, num_heads=4, num_kv_heads=num_kv_heads)
+
+
+def test_mixed_step():
+    run_case([1, 12, 1, 3], [40, 12, 5, 17], block_size=4, num_heads=2, num_kv_heads=2, head_dim=32)
+
+
+def test_backend_choice():
+    assert resolve_backend_name(None, "cpu") == "torch"
+    assert resolve_backend_name("auto", "cpu") == "torch"
+    assert resolve_backend_name("flash", "cpu") == "flash"  # an explicit choice is honoured
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend_name("nope", "cpu")
+
+
+def test_missing_flash_attn_is_a_clear_error():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="not available"):
+            get_backend("flash", "cpu")
+    else:
+        pytest.skip("flash-attn is installed here")
