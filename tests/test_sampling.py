@@ -1,0 +1,172 @@
+"""Sampler: greedy, top-k/top-p/min-p masks vs plain references, transformers' repetition penalty, seeds, logprobs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from pipeline.sampling import Sampler, SamplingParams, apply_repetition_penalty, apply_top_k_top_p_min_p
+
+NEG_INF = float("-inf")
+
+
+def ref_mask(row: list[float], top_k: int, top_p: float, min_p: float, temperature: float = 1.0) -> set[int]:
+    """Plain-Python set of tokens that survive temperature, top-k, top-p (smallest prefix reaching p), min-p."""
+    scaled = [x / temperature for x in row]
+    order = sorted(range(len(row)), key=lambda i: -scaled[i])
+    if top_k > 0:
+        order = order[:top_k]
+    z = sum(math.exp(scaled[i]) for i in order)
+    kept, mass = [], 0.0
+    for i in order:
+        kept.append(i)
+        mass += math.exp(scaled[i]) / z
+        if mass >= top_p:
+            break
+    best = math.exp(scaled[kept[0]]) / z
+    return {i for i in kept if math.exp(scaled[i]) / z >= min_p * best}
+
+
+def sample(logits, params, generators=None, history=None):
+    return Sampler()(logits, params, generators or [None] * len(params), history)
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    out = sample(logits, [SamplingParams(temperature=0.0)] * 6)
+    assert out.token_ids == logits.argmax(-1).tolist() and out.logprobs is None
+
+
+@pytest.mark.parametrize(
+    "top_k,top_p,min_p",
+    [(5, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.2), (8, 0.9, 0.05), (1, 1.0, 0.0), (0, 0.01, 0.0), (100, 1.0, 0.0)],
+)
+def test_masks_match_plain_reference(top_k, top_p, min_p):
+    logits = 2.5 * torch.randn(5, 40, generator=torch.Generator().manual_seed(top_k + int(100 * top_p)))
+    b = logits.shape[0]
+    masked = apply_top_k_top_p_min_p(
+        logits, torch.full((b,), top_k), torch.full((b,), top_p), torch.full((b,), min_p)
+    )
+    for row, masked_row in zip(logits.tolist(), masked):
+        kept = set(torch.nonzero(masked_row > NEG_INF).flatten().tolist())
+        assert kept == ref_mask(row, top_k, top_p, min_p)
+        assert torch.equal(masked_row[list(kept)], torch.tensor(row)[list(kept)])  # survivors unchanged
+
+
+def test_mixed_rows_each_get_their_own_mask_and_samples_stay_inside():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 30, generator=gen)
+    params = [
+        SamplingParams(temperature=0.7, top_k=3),
+        SamplingParams(temperature=1.3, top_p=0.5),
+        SamplingParams(temperature=1.0, min_p=0.3),
+        SamplingParams(temperature=0.0),
+    ]
+    allowed = [ref_mask(row, p.top_k, p.top_p, p.min_p, p.temperature) for row, p in zip(logits.tolist(), params[:3])]
+    seen = [set() for _ in params]
+    for seed in range(200):
+        gens = [torch.Generator().manual_seed(seed * 4 + i) for i in range(4)]
+        for row, tok in enumerate(sample(logits, params, gens).token_ids):
+            seen[row].add(tok)
+    for row in range(3):
+        assert seen[row] <= allowed[row] and len(seen[row]) > 1
+    assert seen[3] == {int(logits[3].argmax())}
+
+
+def test_sampling_frequencies_follow_softmax_with_temperature():
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5])
+    n = 20000
+    out = sample(logits.expand(n, -1).contiguous(), [SamplingParams(temperature=0.8)] * n)
+    freq = torch.bincount(torch.tensor(out.token_ids), minlength=5).float() / n
+    assert torch.allclose(freq, (logits / 0.8).softmax(-1), atol=0.015)
+
+
+def test_repetition_penalty_matches_transformers():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 20, generator=gen)
+    history = [[1, 5, 5, 7], [], [0, 19, 3]]
+    penalties = [1.3, 1.5, 0.8]
+    expected = torch.stack([
+        RepetitionPenaltyLogitsProcessor(p)(torch.tensor([h]) if h else torch.zeros(1, 0, dtype=torch.long),
+                                            logits[i : i + 1].clone())[0]
+        for i, (h, p) in enumerate(zip(history, penalties))
+    ])
+    params = [SamplingParams(temperature=0.0, repetition_penalty=p) for p in penalties]
+    assert sample(logits, params, history=history).token_ids == expected.argmax(-1).tolist()
+
+    ours = logits.clone()
+    apply_repetition_penalty(ours, torch.tensor(penalties), history)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_seeded_row_is_independent_of_batch_companions():
+    vocab = 64
+    target = torch.randn(vocab, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=42)
+
+    def run(companions: int) -> list[int]:
+        gen = torch.Generator().manual_seed(42)
+        tokens = []
+        for step in range(12):
+            others = torch.randn(companions, vocab, generator=torch.Generator().manual_seed(step))
+            logits = torch.cat([others[: companions // 2], target[None], others[companions // 2 :]])
+            ps = [SamplingParams(temperature=0.5 + i, top_k=i + 1) for i in range(companions)]
+            ps.insert(companions // 2, params)
+            gens = [None] * companions
+            gens.insert(companions // 2, gen)
+            tokens.append(sample(logits, ps, gens).token_ids[companions // 2])
+        return tokens
+
+    alone = run(0)
+    assert run(3) == alone and run(7) == alone
+    assert len(set(alone)) > 1  # really sampled, not greedy
+
+
+def test_logprobs_are_raw_log_softmax_with_top_alternatives():
+    logits = torch.randn(3, 25, generator=torch.Generator().manual_seed(4))
+    params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=0.0, logprobs=0),
+              SamplingParams(temperature=2.0, repetition_penalty=1.5)]
+    out = sample(logits, params, history=[[0], [1], [2]])
+    ref = logits.log_softmax(-1)
+    for row, tok in enumerate(out.token_ids):
+        assert out.logprobs[row] == pytest.approx(ref[row, tok].item(), abs=1e-6)
+    values, ids = ref[0].topk(3)
+    assert [t for t, _ in out.top_logprobs[0]] == ids.tolist()
+    assert [v for _, v in out.top_logprobs[0]] == pytest.approx(values.tolist(), abs=1e-6)
+    assert out.top_logprobs[1] == [] and out.top_logprobs[2] == []
+
+
+def test_defaults_and_normalization():
+    p = SamplingParams(max_tokens=32, temperature=0.0)
+    assert p.is_greedy and p.max_tokens == 32 and p.top_k == 0 and p.stop == []
+    d = SamplingParams()
+    assert d.max_tokens == 16 and d.temperature == 1.0 and not d.is_greedy
+    assert SamplingParams(stop="END").stop == ["END"] and SamplingParams(top_k=-1).top_k == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"min_p": -0.5}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"seed": "7"}, "seed"),
+        ({"stop": ["ok", ""]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+    ],
+)
+def test_validation_errors(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        SamplingParams(**kwargs)
