@@ -70,6 +70,10 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """The request's own generator (on the logits' device), or None to use the global RNG."""
+        return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
 
 @dataclass
 class SamplerOutput:
@@ -126,10 +130,10 @@ class Sampler:
     ) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators)
         device = logits.device
-        raw = logits.float()
-        logits = raw.clone()
-        penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
+        raw = logits = logits.float()
         if token_history is not None and any(p.repetition_penalty != 1.0 for p in params):
+            logits = raw.clone()
+            penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
             apply_repetition_penalty(logits, penalties, token_history)
         greedy = torch.tensor([p.is_greedy for p in params], device=device)
         greedy_ids = logits.argmax(dim=-1)

@@ -108,7 +108,7 @@ def test_seeded_row_is_independent_of_batch_companions():
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=42)
 
     def run(companions: int) -> list[int]:
-        gen = torch.Generator().manual_seed(42)
+        gen = params.make_generator()
         tokens = []
         for step in range(12):
             others = torch.randn(companions, vocab, generator=torch.Generator().manual_seed(step))
