@@ -1,4 +1,4 @@
-"""Triton backend vs the torch reference, on CPU through Triton's interpreter (TRITON_INTERPRET=1).
+"""Triton backend vs the torch reference: on CUDA when present, else on CPU through Triton's interpreter.
 
 Tolerances: fp32 1e-4 (both sides compute in fp32, only the summation order differs); fp16 2e-2 against
 the reference run in fp32 on the same (upcast) inputs, since the kernel rounds P and its output to fp16.
@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit functions are imported
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit functions are defined
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 from pipeline.attention import AttentionMetadata, get_backend  # noqa: E402
 from pipeline.attention.torch_ref import TorchBackend  # noqa: E402
 from pipeline.attention.triton_backend import TritonBackend  # noqa: E402
+from pipeline.attention.triton_kernels import paged_decode_kernel  # noqa: E402
 
-if os.environ["TRITON_INTERPRET"] != "1":
-    pytest.skip("TRITON_INTERPRET was set to something other than 1 before this module", allow_module_level=True)
+if DEVICE == "cpu" and type(paged_decode_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("the Triton kernels were defined before TRITON_INTERPRET=1 was set (another module imported "
+                "them first); run this module alone", allow_module_level=True)
 
 NUM_BLOCKS = 48
 
@@ -36,7 +40,7 @@ def make_case(query_lens, seq_lens, block_size, num_heads, num_kv_heads, head_di
     num_tokens = sum(query_lens)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
 
     q = rand(num_tokens, num_heads, head_dim)
     k = rand(num_tokens, num_kv_heads, head_dim)
@@ -47,7 +51,7 @@ def make_case(query_lens, seq_lens, block_size, num_heads, num_kv_heads, head_di
 
 
 def run_backend(backend, query_lens, seq_lens, tables, block_size, q, k, v, k_cache, v_cache):
-    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size)
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device=DEVICE)
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     backend.prepare(meta)
     out = backend.forward(q, k, v, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
@@ -118,6 +122,20 @@ def test_mixed_batch_of_decodes_and_chunks(heads, backend_args):
     check([1, 20, 1, 33, 1], [9, 20, 50, 70, 1], 8, *heads, 16, triton_backend=TritonBackend(**backend_args))
 
 
+def test_strided_q_from_a_fused_projection():
+    # the model splits one [T, (H + 2 Hkv) * D] projection: q, k, v are strided views, not copies
+    query_lens, seq_lens, block_size, heads, kv_heads, head_dim = [1, 12], [20, 30], 8, 4, 2, 16
+    tables, q, k, v, k_cache, v_cache = make_case(query_lens, seq_lens, block_size, heads, kv_heads, head_dim)
+    fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+    views = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    q_view, k_view, v_view = (t.unflatten(1, (-1, head_dim)) for t in views)
+    assert not q_view.is_contiguous()
+    out, _, _ = run_backend(TritonBackend(block_m=16, block_n=16), query_lens, seq_lens, tables, block_size,
+                            q_view, k_view, v_view, k_cache, v_cache)
+    ref, _, _ = run_backend(TorchBackend(), query_lens, seq_lens, tables, block_size, q, k, v, k_cache, v_cache)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_fp16_against_fp32_reference():
     query_lens, seq_lens, block_size = [1, 24, 1], [30, 60, 75], 8
     tables, *tensors = make_case(query_lens, seq_lens, block_size, 4, 2, 32, dtype=torch.float16)
@@ -148,8 +166,8 @@ def test_decode_grid_depends_only_on_static_sizes():
     # CUDA-graph capture needs one grid per batch size: the split count must not read the lengths
     backend = TritonBackend(block_n=16)
     tables = [[0, 1, 2, 3], [4, 5, 6, 7]]
-    short = AttentionMetadata.build([1, 1], [2, 3], tables, 16)
-    long = AttentionMetadata.build([1, 1], [60, 64], tables, 16)
+    short = AttentionMetadata.build([1, 1], [2, 3], tables, 16, device=DEVICE)
+    long = AttentionMetadata.build([1, 1], [60, 64], tables, 16, device=DEVICE)
     assert backend.kv_splits(short, 2) == backend.kv_splits(long, 2) > 1
 
 
@@ -168,7 +186,7 @@ def test_bad_settings_are_rejected():
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     meta = AttentionMetadata.build([1], [3], [[0]], 4)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         TritonBackend().prepare(meta)

@@ -76,7 +76,7 @@ class TritonBackend(AttentionBackend):
         if shapes.num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({shapes.num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         assert k_cache.stride(-1) == 1 and v_cache.stride() == k_cache.stride() and q.stride(-1) == 1
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D], contiguous
         qk_scale = scale * _LOG2_E
         self._decode(q, k_cache, v_cache, out, meta, qk_scale, shapes)
         if not meta.is_decode_only:
@@ -97,7 +97,7 @@ class TritonBackend(AttentionBackend):
         num_splits = self.kv_splits(meta, shapes.num_kv_heads)
         num_seqs = meta.num_seqs
         if num_splits > 1:
-            buffers = meta.extra["triton"]
+            buffers = meta.extra.setdefault("triton", {})
             key = (num_splits, shapes)
             if key not in buffers:
                 buffers[key] = (
