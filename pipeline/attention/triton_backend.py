@@ -16,6 +16,7 @@ On CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before this module
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -88,9 +89,7 @@ class TritonBackend(AttentionBackend):
         max_tiles = triton.cdiv(meta.block_tables.shape[1] * meta.block_size, self.block_n)
         if self.num_kv_splits is not None:
             return min(self.num_kv_splits, max_tiles)
-        device = meta.seq_lens.device
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        wanted = triton.cdiv(2 * num_sms, meta.num_seqs * num_kv_heads)
+        wanted = triton.cdiv(2 * _num_sms(meta.seq_lens.device), meta.num_seqs * num_kv_heads)
         return max(1, min(wanted, max_tiles, _MAX_KV_SPLITS))
 
     def _decode(self, q, k_cache, v_cache, out, meta, qk_scale, shapes: _Shapes) -> None:
@@ -146,3 +145,10 @@ def _precision(cache: torch.Tensor) -> str:
     """fp32 pools get exact fp32 dots (tf32 would cost them ~1e-3); half types use tensor cores anyway."""
     return "ieee" if cache.dtype == torch.float32 else "tf32"
 
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (CPU interpreter: a small stand-in, so tests see several splits)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
