@@ -97,23 +97,28 @@ def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, toke
 
 
 def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
-    """Masks [B, V] logits with -inf; top_k [B] (0 = off), top_p [B], min_p [B]. Ties at the k-th value are kept."""
+    """Masks [B, V] logits with -inf; top_k [B] (0 = off), top_p [B], min_p [B]. Ties at the k-th value are kept.
+    Sorts the vocabulary only when a row uses top-p; top-k alone takes topk(max k); min-p needs no order."""
     vocab_size = logits.shape[-1]
-    sorted_logits, _ = logits.sort(dim=-1, descending=True)  # [B, V]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
-    kth = sorted_logits.gather(1, (k - 1)[:, None])  # [B, 1]
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] probability of better-ranked tokens
-    keep_sorted = mass_above < top_p[:, None]
-    keep_sorted[:, 0] = True
-    num_keep = keep_sorted.sum(dim=-1, keepdim=True)  # [B, 1]
-    cutoff = sorted_logits.gather(1, num_keep - 1)
-    logits = logits.masked_fill(logits < cutoff, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    too_unlikely = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(too_unlikely, float("-inf"))
+    if bool((top_p < 1.0).any()):
+        sorted_logits, _ = logits.sort(dim=-1, descending=True)  # [B, V]
+        kth = sorted_logits.gather(1, (k - 1)[:, None])  # [B, 1]
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] probability of better-ranked tokens
+        keep_sorted = (mass_above < top_p[:, None]) & (sorted_logits > float("-inf"))  # within top-k
+        keep_sorted[:, 0] = True
+        num_keep = keep_sorted.sum(dim=-1, keepdim=True)  # [B, 1]
+        logits = logits.masked_fill(logits < sorted_logits.gather(1, num_keep - 1), float("-inf"))
+    elif bool((top_k > 0).any()):
+        top_values = logits.topk(int(k.max()), dim=-1).values  # [B, max k]
+        logits = logits.masked_fill(logits < top_values.gather(1, (k - 1)[:, None]), float("-inf"))
+    if bool((min_p > 0.0).any()):
+        probs = logits.softmax(dim=-1)
+        too_unlikely = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(too_unlikely, float("-inf"))
+    return logits
 
 
 class Sampler:

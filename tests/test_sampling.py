@@ -55,6 +55,15 @@ def test_masks_match_plain_reference(top_k, top_p, min_p):
         assert torch.equal(masked_row[list(kept)], torch.tensor(row)[list(kept)])  # survivors unchanged
 
 
+def test_masks_per_row_in_one_batch():
+    logits = torch.randn(6, 200, generator=torch.Generator().manual_seed(5))
+    rows = [(3, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.1), (0, 1.0, 0.0), (50, 0.999, 0.0), (150, 1.0, 0.01)]
+    top_k, top_p, min_p = (torch.tensor(col) for col in zip(*rows))
+    masked = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+    for row, masked_row, (k, p, m) in zip(logits.tolist(), masked, rows):
+        assert set(torch.nonzero(masked_row > NEG_INF).flatten().tolist()) == ref_mask(row, k, p, m)
+
+
 def test_mixed_rows_each_get_their_own_mask_and_samples_stay_inside():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 30, generator=gen)
