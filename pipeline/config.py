@@ -1,10 +1,12 @@
 """EngineConfig: every engine option in one dataclass, validated once, passed whole."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+
+from encoders import MediaLimits, VideoSampling
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "samples" / "fuyu-shapes"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,6 +28,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # CUDA only; () disables
     seed: int = 0
+    media_limits: MediaLimits = field(default_factory=MediaLimits)
+    video_sampling: VideoSampling = field(default_factory=VideoSampling)  # default frames per video
 
     def __post_init__(self):
         if self.model is None:

@@ -10,6 +10,7 @@ import torch
 from pipeline.attention import AttentionMetadata, forward_context, get_backend
 from pipeline.config import EngineConfig
 from pipeline.model import FuyuModel, ModelArgs, load_model
+from pipeline.sampling import Sampler
 
 logger = logging.getLogger(__name__)
 _DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -51,6 +52,7 @@ class ModelRunner:
         self.max_model_len = min(config.max_model_len or self.args.max_position_embeddings,
                                  self.args.max_position_embeddings)
         self.patch_normalizer = patch_normalizer  # uint8 patches -> normalized float, as the processor does
+        self.sampler = Sampler()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         shape = (self.args.num_layers, self.num_blocks, self.block_size, self.args.num_kv_heads, self.args.head_dim)
@@ -124,3 +126,8 @@ class ModelRunner:
         if not all_logits:
             hidden = hidden.index_select(0, step.logits_indices)
         return self.model.compute_logits(hidden)
+
+    def run(self, chunks: list[SeqChunk], params, generators, token_history=None):
+        """Forward, then sample one token per sequence (callers drop those of unfinished prefill chunks)."""
+        logits = self.forward(chunks)
+        return self.sampler(logits, params, generators, token_history)

@@ -1,0 +1,148 @@
+"""Engine throughput, prefix-cache TTFT and KV waste on the benchmark model (float32, CPU).
+
+1. 64 requests, one random-size image each (48-256 px a side) and a prompt, max_tokens uniform in 16..256,
+   EOS ignored so every system generates the same number of tokens: output tokens/s of Pipeline.generate vs
+   transformers' FuyuForCausalLM.generate (a) one request at a time, (b) static batches of 8, left-padded.
+2. Shared prefix: 32 requests with the same image and a long shared text, then different questions, arriving
+   one after another: mean time-to-first-token with the prefix cache on vs off.
+3. KV waste: allocated-but-unfilled slots / allocated slots, averaged over the steps of run 1.
+
+    .venv/bin/python -m benchmarks.throughput [--requests 64] [--hf-requests 64]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.common import bench_checkpoint
+from encoders import normalize_patches
+from pipeline import Pipeline, SamplingParams
+
+WORDS = "what is in this picture describe the shape colour left right count how many objects".split()
+
+
+def make_requests(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        h, w = rng.randint(48, 256), rng.randint(48, 256)
+        pixels = np.random.default_rng(seed * 1000 + i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))) + "?"
+        out.append((text, Image.fromarray(pixels), rng.randint(16, 256)))
+    return out
+
+
+def run_ours(pipe: Pipeline, prompts, max_tokens: list[int]) -> tuple[float, int, float]:
+    """(seconds, output tokens, mean KV waste over steps)."""
+    engine = pipe.engine
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(f"t{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    waste, tokens = [], 0
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += len(out.delta_token_ids)
+        stats = engine.stats()
+        allocated = stats.num_kv_blocks_used * engine.config.block_size
+        if stats.num_running and allocated:
+            waste.append(1 - stats.num_kv_slots_filled / allocated)
+    return time.perf_counter() - start, tokens, float(np.mean(waste))
+
+
+def hf_inputs(pipe: Pipeline, prompt):
+    pixel_values = normalize_patches(prompt.patches, pipe.engine.patch_config)
+    return torch.tensor([prompt.token_ids]), pixel_values
+
+
+@torch.inference_mode()
+def run_hf_single(model, pipe, prompts, max_tokens) -> tuple[float, int]:
+    start, tokens = time.perf_counter(), 0
+    for prompt, n in zip(prompts, max_tokens):
+        ids, pixel_values = hf_inputs(pipe, prompt)
+        out = model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        tokens += out.shape[1] - ids.shape[1]
+    return time.perf_counter() - start, tokens
+
+
+@torch.inference_mode()
+def run_hf_static(model, pipe, prompts, max_tokens, batch: int = 8) -> tuple[float, int]:
+    """Static batches, left-padded; a batch runs until its longest request is done. Counts requested tokens."""
+    start, tokens = time.perf_counter(), 0
+    for at in range(0, len(prompts), batch):
+        group, lens = prompts[at:at + batch], max_tokens[at:at + batch]
+        width = max(len(p.token_ids) for p in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(group):
+            ids[row, width - len(p.token_ids):] = torch.tensor(p.token_ids)
+            mask[row, width - len(p.token_ids):] = 1
+        pixel_values = torch.cat([hf_inputs(pipe, p)[1] for p in group])
+        model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, max_new_tokens=max(lens),
+                       min_new_tokens=max(lens), do_sample=False, pad_token_id=0)
+        tokens += sum(lens)
+    return time.perf_counter() - start, tokens
+
+
+def mean_ttft(pipe: Pipeline, prompts) -> float:
+    engine, ttfts = pipe.engine, []
+    for i, prompt in enumerate(prompts):
+        start = time.perf_counter()
+        engine.add_request(f"p{i}", prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        first = None
+        while engine.has_unfinished():
+            outs = engine.step()
+            if first is None and any(o.delta_token_ids for o in outs):
+                first = time.perf_counter() - start
+        ttfts.append(first)
+    return float(np.mean(ttfts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--hf-requests", type=int, default=64, help="how many of them the baselines run")
+    args = parser.parse_args()
+    from transformers import FuyuForCausalLM
+
+    folder = bench_checkpoint(target_size=256)
+    pipe = Pipeline.from_pretrained(str(folder), max_num_seqs=64, max_num_batched_tokens=2048)
+    requests = make_requests(args.requests)
+    prompts = [pipe.engine.build_prompt(text, [image]) for text, image, _ in requests]
+    max_tokens = [n for _, _, n in requests]
+    print(f"benchmark model, float32, CPU threads {torch.get_num_threads()}, {len(prompts)} requests, "
+          f"mean prompt {np.mean([len(p.token_ids) for p in prompts]):.0f} tokens, "
+          f"mean output {np.mean(max_tokens):.0f} tokens")
+    seconds, tokens, waste = run_ours(pipe, prompts, max_tokens)
+    ours = tokens / seconds
+    print(f"fusionserve Pipeline.generate:     {ours:8.1f} tok/s ({tokens} tokens in {seconds:.1f} s)")
+    model = FuyuForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    k = args.hf_requests
+    seconds, tokens = run_hf_single(model, pipe, prompts[:k], max_tokens[:k])
+    single = tokens / seconds
+    print(f"transformers, one at a time:       {single:8.1f} tok/s  -> ours {ours / single:.1f}x (target >= 5x)")
+    seconds, tokens = run_hf_static(model, pipe, prompts[:k], max_tokens[:k])
+    static = tokens / seconds
+    print(f"transformers, static batches of 8: {static:8.1f} tok/s  -> ours {ours / static:.1f}x (target >= 2x)")
+    print(f"KV waste (allocated but unfilled slots), mean over steps: {100 * waste:.2f}% (target < 5%)")
+
+    shared_text = " ".join(WORDS * 12)
+    image = make_requests(1, seed=7)[0][1]
+    questions = [f"{shared_text} question {i}: " + " ".join(random.Random(i).choices(WORDS, k=6)) for i in range(32)]
+    timings = {}
+    for caching in (True, False):
+        pipe = Pipeline.from_pretrained(str(folder), enable_prefix_caching=caching)
+        shared = [pipe.engine.build_prompt(f"<image> {q}", [image]) for q in questions]
+        timings[caching] = mean_ttft(pipe, shared)
+    print(f"shared prefix ({len(shared[0].token_ids)} prompt tokens): mean TTFT cache on "
+          f"{timings[True] * 1e3:.1f} ms, off {timings[False] * 1e3:.1f} ms -> "
+          f"{timings[False] / timings[True]:.1f}x lower (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Pipeline: the synchronous Python face of the engine.
+
+    pipe = Pipeline.from_pretrained()                       # the bundled model
+    out = pipe("What shape is this? <image>", images=["a.png"], max_tokens=32, temperature=0.0)
+    for chunk in pipe.stream("Describe <video>", videos=["clip.mp4"]): print(chunk.text, end="")
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pipeline.config import EngineConfig
+from pipeline.engine import Engine
+from pipeline.outputs import RequestOutput, StreamChunk
+from pipeline.sampling import SamplingParams
+from tokenization import Prompt
+
+
+class Pipeline:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, path: str | None = None, device: str = "cpu", dtype: str | None = None,
+                        **engine_options: Any) -> "Pipeline":
+        """``path``: a Hugging Face-format Fuyu folder (None: the bundled model); options: EngineConfig fields."""
+        return cls(Engine(EngineConfig.from_options(model=path, device=device, dtype=dtype, **engine_options)))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def __call__(self, prompt: str | Prompt, images: Sequence = (), videos: Sequence = (),
+                 sampling_params: SamplingParams | None = None, **sampling: Any) -> RequestOutput:
+        params = _params(sampling_params, sampling)
+        return self.generate([{"prompt": prompt, "images": images or (), "videos": videos or ()}], params)[0]
+
+    def generate(self, requests: Sequence[dict | str | Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Runs many requests at once (continuous batching); outputs in the order of ``requests``."""
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(requests)
+        if len(sampling_params) != len(requests):
+            raise ValueError(f"{len(requests)} requests but {len(sampling_params)} SamplingParams")
+        ids = [self._add(request, params) for request, params in zip(requests, sampling_params)]
+        results: dict[str, RequestOutput] = {}
+        try:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+        finally:
+            for request_id in ids:
+                if request_id not in results:
+                    self.engine.abort(request_id)
+        return [results[request_id] for request_id in ids]
+
+    def stream(self, prompt: str | Prompt, images: Sequence = (), videos: Sequence = (),
+               sampling_params: SamplingParams | None = None, **sampling: Any) -> Iterator[StreamChunk]:
+        """Yields the new text as it is generated; closing the iterator early aborts the request."""
+        request_id = self._add({"prompt": prompt, "images": images or (), "videos": videos or ()},
+                               _params(sampling_params, sampling))
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id != request_id or not (out.delta_text or out.delta_token_ids or out.finished):
+                        continue
+                    finished = out.finished
+                    yield StreamChunk(request_id, out.delta_text, out.delta_token_ids, out.finish_reason, out.usage)
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+    def _add(self, request: dict | str | Prompt, params: SamplingParams) -> str:
+        if isinstance(request, (str, Prompt)):
+            request = {"prompt": request}
+        unknown = set(request) - {"prompt", "images", "videos"}
+        if unknown or "prompt" not in request:
+            raise ValueError(f"a request is a dict with 'prompt' and optional 'images' / 'videos'; got keys "
+                             f"{sorted(request)}")
+        request_id = f"pipe-{next(self._ids)}"
+        self.engine.add_request(request_id, request["prompt"], params, images=request.get("images", ()),
+                                videos=request.get("videos", ()))
+        return request_id
+
+
+def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    if params is not None and overrides:
+        raise ValueError("pass either sampling_params or sampling keywords (max_tokens=..., temperature=...), not both")
+    return params or SamplingParams(**overrides)
