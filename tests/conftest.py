@@ -1,8 +1,14 @@
 """Shared fixtures: a tiny random Fuyu checkpoint written by transformers itself (the reference)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU through its interpreter; transformers imports triton, so set it first
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from samples.random_checkpoint import make_checkpoint
 
