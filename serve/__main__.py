@@ -1,0 +1,6 @@
+"""``python -m serve`` == ``fusionserve``."""
+import sys
+
+from serve.cli import main
+
+sys.exit(main())

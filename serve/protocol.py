@@ -1,0 +1,156 @@
+"""Parse and validate a request into prompt text, media and SamplingParams; errors as ``APIError``.
+
+Form fields (multipart ``/v1/generate``) arrive as strings and are converted here; JSON fields
+(``/v1/chat/completions``) keep their JSON types, so ``"temperature": "hot"`` is a 400, not a crash.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from encoders import MediaError
+from pipeline.sampling import SamplingParams
+
+IMAGE_TYPES = ("image/",)
+VIDEO_TYPES = ("video/", "application/mp4", "application/x-matroska")
+NEUTRAL_TYPES = ("", "application/octet-stream")  # no claim about the content: the decoder decides
+
+
+class APIError(Exception):
+    """An error for the client: becomes ``{"error": {"message", "type", "code"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, code: str, type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type = status, message, code, type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+def bad_request(message: str, code: str = "invalid_parameter") -> APIError:
+    return APIError(400, message, code)
+
+
+def from_value_error(exc: ValueError) -> APIError:
+    """MediaError -> 400 bad_media; any other ValueError (sampling, markers, prompt too long) -> 400."""
+    code = "bad_media" if isinstance(exc, MediaError) else "invalid_parameter"
+    return APIError(400, str(exc), code)
+
+
+@dataclass
+class ServerConfig:
+    """Limits and switches of the HTTP face (the engine has its own EngineConfig)."""
+
+    api_key: str | None = None  # None: no key needed
+    model_name: str = "fusionserve"
+    max_upload_bytes: int = 64 * 1024 * 1024  # whole request body
+    spool_threshold_bytes: int = 1024 * 1024  # uploaded files above this go to a temporary file
+    max_field_bytes: int = 256 * 1024  # one non-file form field (the prompt)
+    max_images: int = 16
+    max_videos: int = 4
+    max_queue_len: int = 256  # requests waiting beyond the engine's max_num_seqs; more -> 429
+    retry_after_s: int = 1
+    default_max_tokens: int = 256
+    allowed_media_hosts: tuple[str, ...] = ()  # hosts whose http(s) media URLs the server may fetch
+    media_fetch_timeout_s: float = 10.0
+    num_preprocess_workers: int = 4
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self):
+        if self.api_key is None:
+            self.api_key = os.environ.get("FUSIONSERVE_API_KEY") or None
+        for name in ("max_upload_bytes", "spool_threshold_bytes", "max_field_bytes", "num_preprocess_workers",
+                     "default_max_tokens", "retry_after_s"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_images", "max_videos", "max_queue_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        self.allowed_media_hosts = tuple(h.lower() for h in self.allowed_media_hosts)
+
+
+@dataclass
+class GenerateRequest:
+    """One validated request: what ``Engine.build_prompt`` and ``add_request`` need, plus the reply mode."""
+
+    prompt: str
+    images: list = field(default_factory=list)  # bytes or binary file objects
+    videos: list = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+    include_usage: bool = False  # chat streams: a last chunk with usage (stream_options.include_usage)
+
+
+def check_media_type(content_type: str, kind: str) -> None:
+    """415 when a part or data URL declares a type that cannot be an ``kind`` ("image" | "video")."""
+    ct = content_type.split(";")[0].strip().lower()
+    allowed = IMAGE_TYPES if kind == "image" else VIDEO_TYPES
+    if ct in NEUTRAL_TYPES or ct.startswith(allowed):
+        return
+    raise APIError(415, f"{kind} given with content type {ct!r}; send an {kind}/* type or "
+                        "application/octet-stream", "unsupported_media_type")
+
+
+def check_media_counts(num_images: int, num_videos: int, config: ServerConfig) -> None:
+    if num_images > config.max_images:
+        raise bad_request(f"more than {config.max_images} images in one request", "too_many_images")
+    if num_videos > config.max_videos:
+        raise bad_request(f"more than {config.max_videos} videos in one request", "too_many_videos")
+
+
+# sampling fields
+
+_FORM_INT = ("max_tokens", "top_k", "seed")
+_FORM_FLOAT = ("temperature", "top_p", "min_p", "repetition_penalty")
+_FORM_BOOL = ("stream", "ignore_eos")
+FORM_FIELDS = ("prompt", "stop") + _FORM_INT + _FORM_FLOAT + _FORM_BOOL
+
+
+def _form_value(name: str, raw: str) -> Any:
+    text = raw.strip()
+    if name in _FORM_BOOL:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off", ""):
+            return False
+        raise bad_request(f"{name} must be true or false, got {raw!r}")
+    try:
+        if name in _FORM_INT:
+            return int(text)
+        value = float(text)
+    except ValueError:
+        kind = "an integer" if name in _FORM_INT else "a number"
+        raise bad_request(f"{name} must be {kind}, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise bad_request(f"{name} must be finite, got {raw!r}")
+    return value
+
+
+def make_params(**values: Any) -> SamplingParams:
+    """SamplingParams from already-typed values (None: default); its ValueError becomes a 400."""
+    try:
+        return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+    except (ValueError, TypeError) as exc:
+        raise bad_request(str(exc)) from None
+
+
+def parse_form(fields: dict[str, list[str]], images: list, videos: list, config: ServerConfig) -> GenerateRequest:
+    """``/v1/generate``: ``fields`` maps each non-file field to its values (``stop`` may repeat)."""
+    unknown = sorted(set(fields) - set(FORM_FIELDS))
+    if unknown:
+        raise bad_request(f"unknown form field(s) {unknown}; known: {sorted(FORM_FIELDS + ('image', 'video'))}")
+    for name, values in fields.items():
+        if name != "stop" and len(values) > 1:
+            raise bad_request(f"form field {name!r} given {len(values)} times; give it once")
+    if "prompt" not in fields:
+        raise bad_request("the form needs a 'prompt' field", "missing_prompt")
+    check_media_counts(len(images), len(videos), config)
+    values = {name: _form_value(name, vals[0]) for name, vals in fields.items() if name not in ("prompt", "stop")}
+    stream = values.pop("stream", False)
+    values.setdefault("max_tokens", config.default_max_tokens)
+    params = make_params(stop=fields.get("stop") or None, **values)
+    return GenerateRequest(fields["prompt"][0], images, videos, params, stream)
