@@ -109,8 +109,8 @@ class Server:
         if req.stream:
             return EventStream(stream, self._generate_events(stream))
         out = await until_disconnect(request, stream.result())
-        return JSONResponse({"id": stream.request_id, "text": out.text, "finish_reason": out.finish_reason,
-                             "usage": usage_json(out.usage)})
+        return JSONResponse({"id": stream.request_id, "text": out.text, "token_ids": out.token_ids,
+                             "finish_reason": out.finish_reason, "usage": usage_json(out.usage)})
 
     async def _generate_events(self, stream: RequestStream) -> AsyncIterator[bytes]:
         try:

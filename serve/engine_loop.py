@@ -90,8 +90,6 @@ class RequestStream:
                 for _ in out.delta_token_ids:
                     metrics.inter_token_latency.observe(gap)
             self._last_token_time = now
-        if out.finished:
-            metrics.finished.labels(reason=out.finish_reason or "unknown").inc()
 
     async def result(self) -> RequestOutput:
         """The last output (the whole text)."""
@@ -220,6 +218,7 @@ class AsyncEngine:
                     logger.exception("engine step failed; failing its requests")
                     self._fail_all(exc)
                     outputs = []
+                self._publish_stats()  # before delivery: a client that saw a token sees that step's stats
                 for out in outputs:
                     self._deliver(out)
             self._publish_stats()
@@ -263,10 +262,13 @@ class AsyncEngine:
                 self.engine.abort(request_id)
             except Exception:
                 logger.exception("abort of %s after a failed step", request_id)
+            self.metrics.finished.labels(reason="error").inc()
             self._post(stream.queue.put_nowait, EngineDeadError(f"the engine failed on this request: {exc}"))
         self._streams.clear()
 
     def _deliver(self, out: RequestOutput) -> None:
+        if out.finished:
+            self.metrics.finished.labels(reason=out.finish_reason or "unknown").inc()
         stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
         if stream is not None:
             self._post(stream.queue.put_nowait, out)
