@@ -1,8 +1,8 @@
 """Media in: decode images and videos safely, cut them into Fuyu patches."""
-from encoders.image import load_image
+from encoders.image import decode_array, load_image
 from encoders.limits import MediaError, MediaLimits
 from encoders.patchify import PatchConfig, Patches, normalize_patches, patchify
 from encoders.video import DecodedVideo, VideoSampling, load_video
 
-__all__ = ["MediaError", "MediaLimits", "load_image", "VideoSampling", "DecodedVideo", "load_video",
+__all__ = ["MediaError", "MediaLimits", "load_image", "decode_array", "VideoSampling", "DecodedVideo", "load_video",
            "PatchConfig", "Patches", "patchify", "normalize_patches"]

@@ -76,20 +76,23 @@ def _describe(err: Exception) -> str:
     return f"image data is corrupt and cannot be decoded ({text or type(err).__name__})"
 
 
-def decode_pil(im: Image.Image, limits: MediaLimits) -> torch.Tensor:
-    """An opened (possibly lazy) PIL image -> uint8 [H, W, 3], limits checked before decoding."""
+def decode_pil(im: Image.Image, limits: MediaLimits, owned: bool = False) -> np.ndarray:
+    """An opened (possibly lazy) PIL image -> uint8 [H, W, 3] (maybe read-only), limits checked first.
+
+    ``owned``: the image is ours to change (EXIF rotation in place, no copy); else it is left as is.
+    """
     check_image_size(im.width, im.height, limits)
     try:
         im.load()
-        im = ImageOps.exif_transpose(im)
-        arr = _to_rgb_array(im)
+        if owned:
+            ImageOps.exif_transpose(im, in_place=True)
+        else:
+            im = ImageOps.exif_transpose(im)
+        return _to_rgb_array(im)
     except MediaError:
         raise
     except _OPEN_ERRORS as e:
         raise MediaError(_describe(e)) from e
-    if not (arr.flags.writeable and arr.flags.c_contiguous):
-        arr = np.array(arr)  # Pillow's array view is read-only
-    return torch.from_numpy(arr)
 
 
 def _from_array(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -104,19 +107,28 @@ def _from_array(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise MediaError(f"image arrays must be [H, W], [H, W, 3], [H, W, 4] or [3, H, W]; got {tuple(t.shape)}")
     if t.shape[2] == 1:
         t = t.expand(-1, -1, 3)
-    return t[:, :, :3].contiguous()  # alpha dropped, as for files
+    return t[:, :, :3].cpu().contiguous()  # alpha dropped, as for files
 
 
-def load_image(src: MediaSource | Image.Image | np.ndarray | torch.Tensor,
-               limits: MediaLimits | None = None) -> torch.Tensor:
-    """Decode ``src`` (path, bytes, binary file object, PIL image, uint8 array or tensor) -> uint8 [H, W, 3]."""
+def decode_array(src: MediaSource | Image.Image | np.ndarray | torch.Tensor,
+                 limits: MediaLimits | None = None) -> np.ndarray:
+    """Like ``load_image`` but a numpy array that may be read-only (Pillow's buffer, one copy fewer)."""
     limits = limits or MediaLimits()
     if isinstance(src, Image.Image):
         return decode_pil(src, limits)
     if isinstance(src, (np.ndarray, torch.Tensor)):
         t = _from_array(src)
         check_image_size(t.shape[1], t.shape[0], limits)
-        return t.cpu()
+        return t.numpy()
     data = read_source(src, limits.max_image_bytes, "image")
     with open_header(data) as im:
-        return decode_pil(im, limits)
+        return decode_pil(im, limits, owned=True)
+
+
+def load_image(src: MediaSource | Image.Image | np.ndarray | torch.Tensor,
+               limits: MediaLimits | None = None) -> torch.Tensor:
+    """Decode ``src`` (path, bytes, binary file object, PIL image, uint8 array or tensor) -> uint8 [H, W, 3]."""
+    arr = decode_array(src, limits)
+    if not (arr.flags.writeable and arr.flags.c_contiguous):
+        arr = np.array(arr)  # Pillow's array view is read-only
+    return torch.from_numpy(arr)

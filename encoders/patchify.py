@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as tvF
 
@@ -120,23 +121,25 @@ class Patches:
         return self.rows * (self.cols + 1)  # a newline id after each row
 
 
-def patchify(image_u8: torch.Tensor, cfg: PatchConfig) -> Patches:
-    """uint8 [H, W, 3] -> uint8 patches [rows*cols, p*p*3] in the reference's order; no Python loops."""
-    assert image_u8.dtype == torch.uint8 and image_u8.ndim == 3 and image_u8.shape[2] == 3, image_u8.shape
+def patchify(image_u8: torch.Tensor | np.ndarray, cfg: PatchConfig) -> Patches:
+    """uint8 [H, W, 3] (tensor or array) -> uint8 patches [rows*cols, p*p*3] in the reference's order."""
+    assert image_u8.dtype in (torch.uint8, np.uint8) and image_u8.ndim == 3 and image_u8.shape[2] == 3
     height, width = image_u8.shape[:2]
     rows, cols = cfg.grid(height, width)
     h, w = cfg.resized_size(height, width)
     p = cfg.patch_size
+    # numpy where possible: single-threaded copies, no intra-op thread pool wake-ups for small images
+    image = image_u8.cpu().numpy() if isinstance(image_u8, torch.Tensor) else image_u8
     if (h, w) != (height, width):
-        chw = image_u8.permute(2, 0, 1).contiguous()[None]  # [1, 3, H, W], as the reference stacks it
+        chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]  # [1, 3, H, W] as the reference
         resized = tvF.resize(chw, [h, w], interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)
-        image_u8 = resized[0].permute(1, 2, 0)  # [h, w, 3]
+        image = resized[0].permute(1, 2, 0).numpy()  # [h, w, 3]
     if (rows * p, cols * p) != (h, w):
-        canvas = torch.full((rows * p, cols * p, 3), cfg.padding_u8, dtype=torch.uint8)
-        canvas[:h, :w] = image_u8
-        image_u8 = canvas
-    data = image_u8.reshape(rows, p, cols, p, 3).permute(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)
-    return Patches(data=data, rows=rows, cols=cols)
+        canvas = np.full((rows * p, cols * p, 3), cfg.padding_u8, dtype=np.uint8)
+        canvas[:h, :w] = image
+        image = canvas
+    data = image.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)
+    return Patches(data=torch.from_numpy(np.ascontiguousarray(data)), rows=rows, cols=cols)
 
 
 def normalize_patches(patches_u8: torch.Tensor, cfg: PatchConfig, dtype=torch.float32) -> torch.Tensor:

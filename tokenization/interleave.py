@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoders import (DecodedVideo, MediaLimits, PatchConfig, Patches, VideoSampling, load_image, load_video,
+from encoders import (DecodedVideo, MediaLimits, PatchConfig, Patches, VideoSampling, decode_array, load_video,
                       patchify)
 from tokenization.text import BOA_TOKEN, IMAGE_TOKEN, NEWLINE_TOKEN, TextTokenizer
 
@@ -93,7 +93,7 @@ class Interleaver:
         return ([self.tokenizer.image_token_id] * p.cols + [self.tokenizer.newline_token_id]) * p.rows
 
     def image_item(self, src) -> _Item:
-        p = patchify(load_image(src, self.limits), self.patch_config)
+        p = patchify(decode_array(src, self.limits), self.patch_config)
         return _Item("image", self._image_ids(p), [p.data], _hash("image", [p]))
 
     def video_item(self, src) -> _Item:
@@ -146,6 +146,10 @@ class Interleaver:
         if pieces[last] in queues:  # the prompt ends with a marker
             ids += ([tok.bos_token_id] if leading else []) + [tok.boa_token_id]
         positions = [i for i, t in enumerate(ids) if t == tok.image_token_id]
-        data = torch.cat(patches) if patches else torch.empty(0, self.patch_config.patch_dim, dtype=torch.uint8)
+        if len(patches) == 1:
+            data = patches[0]
+        else:  # numpy: a plain single-threaded copy
+            data = torch.from_numpy(np.concatenate([p.numpy() for p in patches]) if patches
+                                    else np.empty((0, self.patch_config.patch_dim), np.uint8))
         assert len(positions) == data.shape[0], (len(positions), data.shape)
         return Prompt(token_ids=ids, patches=data, media=spans, image_positions=positions)
