@@ -9,6 +9,7 @@ import torch
 
 from pipeline.attention import AttentionMetadata, forward_context, get_backend
 from pipeline.config import EngineConfig
+from pipeline.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from pipeline.model import FuyuModel, ModelArgs, load_model
 from pipeline.sampling import Sampler
 
@@ -55,11 +56,19 @@ class ModelRunner:
         self.sampler = Sampler()
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
-        shape = (self.args.num_layers, self.num_blocks, self.block_size, self.args.num_kv_heads, self.args.head_dim)
+        use_graphs = (self.device.type == "cuda" and bool(config.cuda_graph_batch_sizes)
+                      and self.backend.name in CAPTURABLE_BACKENDS)
+        # with CUDA graphs, one scratch block past the usable ones takes the padding rows' K/V
+        shape = (self.args.num_layers, self.num_blocks + use_graphs, self.block_size, self.args.num_kv_heads,
+                 self.args.head_dim)
         self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.k_pool[i], self.v_pool[i]
+        self.graphs = None
+        if use_graphs:
+            self.graphs = DecodeGraphs(self.model, self.backend, config.cuda_graph_batch_sizes, self.block_size,
+                                       self.max_model_len, self.num_blocks, self.device)
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB), backend %s", self.num_blocks, self.block_size,
                     2 * self.k_pool.numel() * self.k_pool.element_size() / 2**20, self.backend.name)
 
@@ -121,6 +130,8 @@ class ModelRunner:
     def forward(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
         """Logits [B, V] of each sequence's last new token (or [T, V] for every new token)."""
         step = self.prepare(chunks)
+        if self.graphs is not None and not all_logits and self.graphs.can_run(step.meta):
+            return self.graphs.run(step.input_ids, step.positions, step.meta)
         with forward_context(step.meta, self.backend):
             hidden = self.model(step.input_ids, step.positions, step.patches, step.image_indices)
         if not all_logits:

@@ -66,8 +66,11 @@ def tiny_config_kwargs(**overrides) -> dict:
 
 
 def make_checkpoint(out_dir: str | Path, *, seed: int = 0, target_height: int = 64, target_width: int = 64,
-                    dtype: str = "float32", **config_overrides) -> Path:
-    """Write a random FuyuForCausalLM checkpoint with tokenizer and processor to ``out_dir``."""
+                    dtype: str = "float32", device: str = "cpu", **config_overrides) -> Path:
+    """Write a random FuyuForCausalLM checkpoint with tokenizer and processor to ``out_dir``.
+
+    ``dtype`` / ``device``: where the random weights are made and how they are saved (a 1B-parameter model
+    initialises in seconds on a GPU, minutes on a CPU)."""
     import torch
     from transformers import FuyuConfig, FuyuForCausalLM, FuyuImageProcessor, FuyuProcessor
     from transformers import PreTrainedTokenizerFast
@@ -80,7 +83,8 @@ def make_checkpoint(out_dir: str | Path, *, seed: int = 0, target_height: int = 
     image_token_id = tok.token_to_id(IMAGE_TOKEN)
     config = FuyuConfig(image_token_id=image_token_id, **kwargs)
     torch.manual_seed(seed)
-    model = FuyuForCausalLM(config).eval()
+    with torch.device(device):
+        model = FuyuForCausalLM(config).to(getattr(torch, dtype)).eval()
     model.save_pretrained(out_dir)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<unk>")

@@ -1,0 +1,145 @@
+"""GPU check for issue 7, on a random Fuyu of about 1B parameters (run by benchmarks/gpu_check.sh):
+greedy parity vs transformers, decode throughput at batch 1 / 16 / 64 vs transformers' generate, and
+the memory bandwidth a batch-1 decode step reaches as a fraction of the device's copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from encoders import normalize_patches
+from pipeline import Pipeline, SamplingParams
+from pipeline.attention import resolve_backend_name
+from pipeline.model_runner import SeqChunk
+from samples.random_checkpoint import make_checkpoint
+
+ONE_B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=8192,
+             vocab_size=32000, patch_size=30, max_position_embeddings=4096)
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(120, 480, size=2)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def hf_generate(model, pipe, prompts, max_tokens: list[int]) -> list[list[int]]:
+    """Static batch, left-padded; runs to the longest request; returns each request's own tokens."""
+    width = max(len(p.token_ids) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p.token_ids):] = torch.tensor(p.token_ids)
+        mask[row, width - len(p.token_ids):] = 1
+    pixel_values = torch.cat([normalize_patches(p.patches, pipe.engine.patch_config) for p in prompts])
+    out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(),
+                         pixel_values=pixel_values.cuda().to(model.dtype), max_new_tokens=max(max_tokens),
+                         min_new_tokens=max(max_tokens), do_sample=False, pad_token_id=0)
+    return [out[row, width:width + n].tolist() for row, n in enumerate(max_tokens)]
+
+
+def parity(folder, hf_model, dtype: str, backend: str) -> None:
+    pipe = Pipeline.from_pretrained(str(folder), device="cuda", dtype=dtype, attention_backend=backend,
+                                    num_blocks=512, block_size=256 if backend == "flash" else 16)
+    prompts = [pipe.engine.build_prompt(f"Describe <image> in detail, part {i}.", [_image(i)]) for i in range(4)]
+    ours = pipe.generate(prompts, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+    same = []
+    for prompt, out in zip(prompts, ours):
+        ref = hf_generate(hf_model, pipe, [prompt], [32])[0]
+        same.append(next((i for i, (a, b) in enumerate(zip(out.token_ids, ref)) if a != b), 32))
+    print(f"greedy parity {dtype} ({pipe.engine.runner.backend.name}): identical leading tokens per prompt {same} "
+          f"of 32")
+    del pipe
+
+
+def throughput(folder, hf_model, backend: str) -> None:
+    pipe = Pipeline.from_pretrained(str(folder), device="cuda", attention_backend=backend, max_num_seqs=64,
+                                    block_size=256 if backend == "flash" else 16)
+    rng = random.Random(0)
+    prompts = [pipe.engine.build_prompt(f"Question {i}: what is in <image>?", [_image(100 + i)]) for i in range(64)]
+    lengths = [rng.randint(64, 256) for _ in prompts]
+    pipe.generate(prompts[:2], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
+    rates = {}
+    for batch in (1, 16, 64):
+        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths[:batch]]
+        seconds = _sync_time(lambda: pipe.generate(prompts[:batch], params))
+        rates[batch] = sum(lengths[:batch]) / seconds
+        print(f"fusionserve batch {batch:>2}: {rates[batch]:9.1f} tok/s")
+    k = 4  # one at a time is slow: 4 requests give its rate
+    seconds = _sync_time(lambda: [hf_generate(hf_model, pipe, [p], [n]) for p, n in zip(prompts[:k], lengths[:k])])
+    single = sum(lengths[:k]) / seconds
+    seconds = _sync_time(lambda: hf_generate(hf_model, pipe, prompts, lengths))
+    static = sum(lengths) / seconds
+    print(f"transformers one at a time: {single:9.1f} tok/s -> fusionserve batch 64 is {rates[64] / single:.1f}x "
+          f"(target >= 20x)")
+    print(f"transformers static batch 64 (varied lengths, left-padded): {static:9.1f} tok/s -> fusionserve "
+          f"{rates[64] / static:.1f}x (target >= 2x)")
+    bandwidth(pipe)
+
+
+def bandwidth(pipe) -> None:
+    runner = pipe.engine.runner
+    context = 512
+    table = list(range(-(-(context + 64) // runner.block_size)))
+    runner.forward([SeqChunk(list(range(3, 3 + context)), 0, table)])
+    state = {"pos": context}
+
+    def step():
+        runner.forward([SeqChunk([5], state["pos"], table)])
+        state["pos"] += 1
+
+    for _ in range(5):
+        step()
+    step_s = statistics.median(_sync_time(step) for _ in range(50))
+    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv = 2 * runner.args.num_layers * context * runner.args.hidden_size * runner.k_pool.element_size()
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    copy_s = statistics.median(_sync_time(lambda: y.copy_(x)) for _ in range(10))
+    copy_bw = 2 * x.numel() / copy_s
+    achieved = (weights + kv) / step_s
+    print(f"batch-1 decode step {step_s * 1e3:.2f} ms reads {(weights + kv) / 2**30:.2f} GiB -> "
+          f"{achieved / 1e9:.0f} GB/s = {100 * achieved / copy_bw:.0f}% of copy bandwidth "
+          f"({copy_bw / 1e9:.0f} GB/s) (target >= 50%)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="auto", help="attention backend for fusionserve (auto|flash|triton)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs a CUDA device")
+    from transformers import FuyuForCausalLM
+
+    backend = resolve_backend_name(args.backend, "cuda")
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "backend", backend)
+    folder = make_checkpoint(tempfile.mkdtemp(prefix="fuyu-1b-"), seed=0, target_height=480, target_width=480,
+                             dtype="bfloat16", device="cuda", **ONE_B)
+    for dtype in ("float32", "bfloat16"):
+        hf_model = FuyuForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).cuda().eval()
+        parity(folder, hf_model, dtype, "triton" if dtype == "float32" else backend)  # flash-attn has no fp32
+        if dtype == "bfloat16":
+            throughput(folder, hf_model, backend)
+        del hf_model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
