@@ -1,10 +1,14 @@
 """Reference backend: plain torch SDPA over the paged cache, on any device.
 
-Every sequence's key blocks are gathered from the pool through its block table into a padded
-``[B, num_table_blocks * block_size]`` view, queries are scattered into ``[B, max_query_len]``, and one masked SDPA call
-serves the whole batch (prefill chunks and decodes alike; no Python loop over sequences).
+Each sequence's key blocks are gathered from the pool through its block table into a padded
+``[B, num_blocks * block_size]`` view, and one masked SDPA call serves a group of sequences. A step
+has at most two groups: its decodes (one query each, no padding) and its prefill chunks (queries
+padded to the longest chunk), so a long prefill chunk never pads the decodes it is batched with.
+No Python loop over sequences.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,46 +16,84 @@ import torch.nn.functional as F
 from pipeline.attention.base import AttentionBackend, AttentionMetadata, write_kv
 
 
+@dataclass
+class _Group:
+    tokens: torch.Tensor | None  # [Tg] indices of the group's tokens in the step (None: all of them, in order)
+    blocks: torch.Tensor  # [Bg * num_blocks] pool blocks, row-major per sequence
+    q_index: tuple[torch.Tensor, torch.Tensor] | None  # (sequence, row) of each token in the padded queries
+    mask: torch.Tensor  # [Bg, 1, Q, S]
+    num_seqs: int
+    max_query_len: int
+
+
+def _group(meta: AttentionMetadata, seqs: torch.Tensor | None) -> _Group:
+    """Precompute for the sequences ``seqs`` (None: all) of the step."""
+    device = meta.seq_lens.device
+    cu = meta.cu_seqlens_q.long()
+    starts, query_lens, seq_lens = cu[:-1], cu[1:] - cu[:-1], meta.seq_lens.long()
+    tables = meta.block_tables
+    if seqs is not None:
+        starts, query_lens, seq_lens, tables = starts[seqs], query_lens[seqs], seq_lens[seqs], tables[seqs]
+    num_seqs = seq_lens.numel()
+    max_query_len = int(query_lens.max())
+    num_blocks = -(-int(seq_lens.max()) // meta.block_size)
+    key_pos = torch.arange(num_blocks * meta.block_size, device=device)
+    # causal over the cached prefix: query row i of a sequence sits at position seq_len - q_len + i
+    q_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_query_len, device=device)
+    mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
+    q_index = tokens = None
+    if max_query_len > 1:
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
+        tokens = torch.repeat_interleave(starts, query_lens)
+        row = torch.arange(tokens.numel(), device=device) - torch.repeat_interleave(
+            query_lens.cumsum(0) - query_lens, query_lens)
+        tokens = tokens + row
+        q_index = (seq_of_token, row)
+    elif seqs is not None:
+        tokens = starts
+    return _Group(tokens, tables[:, :num_blocks].reshape(-1).long(), q_index, mask[:, None], num_seqs,
+                  max_query_len)
+
+
 class TorchBackend(AttentionBackend):
     name = "torch"
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        device = meta.seq_lens.device
-        num_seqs = meta.num_seqs
-        seq_lens = meta.seq_lens.long()
-        query_lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).long()
-        # whole blocks are gathered (one row per block, not per token), only as many as the longest sequence needs
-        num_table_blocks = -(-meta.max_seq_len // meta.block_size)
-        num_keys = num_table_blocks * meta.block_size
-        key_pos = torch.arange(num_keys, device=device)
-        # new token t belongs to sequence seq_idx[t], row q_row[t] of its padded query block
-        seq_idx = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
-        q_row = torch.arange(seq_idx.numel(), device=device) - meta.cu_seqlens_q[:-1].long()[seq_idx]
-        # causal over the cached prefix: query row i of a sequence sits at position seq_len - q_len + i
-        q_pos = (seq_lens - query_lens)[:, None] + torch.arange(meta.max_query_len, device=device)
-        mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, S]
-        mask &= key_pos[None, None, :] < seq_lens[:, None, None]
-        blocks = meta.block_tables[:, :num_table_blocks].reshape(-1).long()
-        meta.extra["torch"] = (blocks, seq_idx, q_row, mask[:, None])
+        if meta.is_decode_only:
+            groups = [_group(meta, None)]
+        else:
+            query_lens = meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]
+            decodes = (query_lens == 1).nonzero().flatten()
+            prefills = (query_lens > 1).nonzero().flatten()
+            groups = [_group(meta, seqs) for seqs in (decodes, prefills) if seqs.numel()]
+        meta.extra["torch"] = groups
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        blocks, seq_idx, q_row, mask = meta.extra["torch"]
-        num_seqs = meta.num_seqs
+        groups: list[_Group] = meta.extra["torch"]
+        if len(groups) == 1 and groups[0].tokens is None and groups[0].q_index is None:
+            return self._attend(q, k_cache, v_cache, groups[0], scale)
+        out = torch.empty_like(q)
+        for group in groups:
+            out[group.tokens] = self._attend(q[group.tokens], k_cache, v_cache, group, scale)
+        return out
+
+    @staticmethod
+    def _attend(q, k_cache, v_cache, group: _Group, scale: float) -> torch.Tensor:
+        """q [Tg, H, D] of one group -> [Tg, H, D]."""
         num_heads, head_dim = q.shape[1], q.shape[2]
         num_kv_heads = k_cache.shape[2]
-        keys = k_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-        if meta.is_decode_only:
-            queries = q[:, None]  # [B, 1, H, D]
+        shape = (group.num_seqs, -1, num_kv_heads, head_dim)
+        keys = k_cache.index_select(0, group.blocks).view(shape).transpose(1, 2)  # [Bg, Hkv, S, D]
+        values = v_cache.index_select(0, group.blocks).view(shape).transpose(1, 2)
+        if group.q_index is None:
+            queries = q[:, None]  # [Bg, 1, H, D]
         else:
-            queries = q.new_zeros(num_seqs, meta.max_query_len, num_heads, head_dim)
-            queries[seq_idx, q_row] = q
+            queries = q.new_zeros(group.num_seqs, group.max_query_len, num_heads, head_dim)
+            queries[group.q_index] = q
         out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=mask, scale=scale,
+            queries.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=group.mask, scale=scale,
             enable_gqa=num_heads != num_kv_heads,
-        )  # [B, H, Q, D]
-        out = out.transpose(1, 2)
-        if meta.is_decode_only:
-            return out[:, 0].to(q.dtype)
-        return out[seq_idx, q_row].to(q.dtype)
+        ).transpose(1, 2)  # [Bg, Q, H, D]
+        out = out[:, 0] if group.q_index is None else out[group.q_index]
+        return out.to(q.dtype)
