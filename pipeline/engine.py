@@ -83,7 +83,7 @@ class Engine:
         params = params or SamplingParams()
         if not prompt.token_ids:
             raise ValueError("the prompt is empty: give some text or media")
-        image_positions = [i for i, t in enumerate(prompt.token_ids) if t == self.tokenizer.image_token_id]
+        image_positions = list(prompt.image_positions)
         if len(image_positions) != prompt.patches.shape[0]:
             raise ValueError(f"prompt has {len(image_positions)} image tokens but {prompt.patches.shape[0]} "
                              "patch rows; build prompts with Engine.build_prompt")
