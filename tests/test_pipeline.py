@@ -91,3 +91,19 @@ def test_bad_input_is_a_value_error(pipe):
     with pytest.raises(ValueError, match="not both"):
         pipe("hi", sampling_params=SamplingParams(), max_tokens=3)
     assert not pipe.engine.has_unfinished()
+
+
+def test_video_prompt_matches_transformers_on_the_same_tokens(pipe, hf_model):
+    from encoders import normalize_patches
+    from server_fixtures import mp4_bytes
+
+    clip = mp4_bytes(num_frames=12)
+    prompt = pipe.engine.build_prompt("Which way is it moving? <video>", videos=[clip])
+    assert prompt.media[0].kind == "video" and prompt.num_image_tokens > 0
+    chunks = list(pipe.stream(prompt, max_tokens=8, temperature=0.0, ignore_eos=True))
+    ids = torch.tensor([prompt.token_ids])
+    with torch.no_grad():
+        ref = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                pixel_values=normalize_patches(prompt.patches, pipe.engine.patch_config),
+                                max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert [t for c in chunks for t in c.token_ids] == ref[0, ids.shape[1]:].tolist()
