@@ -29,3 +29,19 @@ def time_it(fn, repeat: int, warmup: int = 2) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def hf_batch(pipe, prompts) -> dict:
+    """transformers' inputs for our Prompts as one left-padded batch: input_ids, attention_mask, pixel_values."""
+    import torch
+
+    from encoders import normalize_patches
+
+    width = max(len(p.token_ids) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p.token_ids):] = torch.tensor(p.token_ids)
+        mask[row, width - len(p.token_ids):] = 1
+    pixel_values = torch.cat([normalize_patches(p.patches, pipe.engine.patch_config) for p in prompts])
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoders import normalize_patches
+from benchmarks.common import hf_batch
 from pipeline import Pipeline, SamplingParams
 from pipeline.attention import resolve_backend_name
 from pipeline.model_runner import SeqChunk
@@ -41,15 +41,10 @@ def _sync_time(fn) -> float:
 @torch.inference_mode()
 def hf_generate(model, pipe, prompts, max_tokens: list[int]) -> list[list[int]]:
     """Static batch, left-padded; runs to the longest request; returns each request's own tokens."""
-    width = max(len(p.token_ids) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p.token_ids):] = torch.tensor(p.token_ids)
-        mask[row, width - len(p.token_ids):] = 1
-    pixel_values = torch.cat([normalize_patches(p.patches, pipe.engine.patch_config) for p in prompts])
-    out = model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(),
-                         pixel_values=pixel_values.cuda().to(model.dtype), max_new_tokens=max(max_tokens),
+    batch = {k: v.cuda() for k, v in hf_batch(pipe, prompts).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    width = batch["input_ids"].shape[1]
+    out = model.generate(**batch, max_new_tokens=max(max_tokens),
                          min_new_tokens=max(max_tokens), do_sample=False, pad_token_id=0)
     return [out[row, width:width + n].tolist() for row, n in enumerate(max_tokens)]
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import bench_checkpoint
+from benchmarks.common import bench_checkpoint, hf_batch
 from encoders import normalize_patches
 from pipeline import Pipeline, SamplingParams
 
@@ -76,15 +76,8 @@ def run_hf_static(model, pipe, prompts, max_tokens, batch: int = 8) -> tuple[flo
     start, tokens = time.perf_counter(), 0
     for at in range(0, len(prompts), batch):
         group, lens = prompts[at:at + batch], max_tokens[at:at + batch]
-        width = max(len(p.token_ids) for p in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(group):
-            ids[row, width - len(p.token_ids):] = torch.tensor(p.token_ids)
-            mask[row, width - len(p.token_ids):] = 1
-        pixel_values = torch.cat([hf_inputs(pipe, p)[1] for p in group])
-        model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, max_new_tokens=max(lens),
-                       min_new_tokens=max(lens), do_sample=False, pad_token_id=0)
+        model.generate(**hf_batch(pipe, group), max_new_tokens=max(lens), min_new_tokens=max(lens), do_sample=False,
+                       pad_token_id=0)
         tokens += sum(lens)
     return time.perf_counter() - start, tokens
 
