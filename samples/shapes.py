@@ -36,7 +36,8 @@ PROMPTS = {
 TASKS = tuple(PROMPTS)
 _SUPERSAMPLE = 2  # draw at 2x, then downsample: antialiased edges
 _COLOR_JITTER = 18
-_CLIP_SIZES = (48, 56, 64, 72, 80)  # even sides (yuv420p)
+_CLIP_SIZES = (48, 56, 64)  # even sides (yuv420p)
+SHADE = 36  # the light background is lit from the top left: red falls left to right, blue top to bottom
 
 
 @dataclass
@@ -68,10 +69,20 @@ class Scene:
     height: int
     background: tuple[int, int, int]
     shapes: list[Shape]
+    shade: int = 0  # red falls by this much left to right, blue top to bottom (a lit stage)
+
+    def _canvas(self, s: int) -> Image.Image:
+        if not self.shade:
+            return Image.new("RGB", (self.width * s, self.height * s), self.background)
+        pixels = np.empty((self.height * s, self.width * s, 3), dtype=np.float32)
+        pixels[:] = self.background
+        pixels[..., 0] -= self.shade * np.linspace(0, 1, self.width * s)[None, :]
+        pixels[..., 2] -= self.shade * np.linspace(0, 1, self.height * s)[:, None]
+        return Image.fromarray(pixels.round().astype(np.uint8))
 
     def render(self) -> Image.Image:
         s = _SUPERSAMPLE
-        image = Image.new("RGB", (self.width * s, self.height * s), self.background)
+        image = self._canvas(s)
         draw = ImageDraw.Draw(image)
         for shape in self.shapes:
             shape.draw(draw, s)
@@ -93,6 +104,7 @@ class Clip:
     distance: float  # pixels travelled from the first frame to the last
     num_frames: int
     fps: int
+    shade: int = 0
 
     def frames(self) -> list[Image.Image]:
         dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[self.direction]
@@ -101,7 +113,7 @@ class Clip:
             t = self.distance * i / (self.num_frames - 1)
             moved = Shape(self.shape.kind, self.shape.color, self.shape.rgb, self.shape.cx + dx * t,
                           self.shape.cy + dy * t, self.shape.size)
-            out.append(Scene(self.width, self.height, self.background, [moved]).render())
+            out.append(Scene(self.width, self.height, self.background, [moved], self.shade).render())
         return out
 
     def to_mp4(self) -> bytes:
@@ -156,7 +168,7 @@ class SceneGenerator:
             width, height = (long_side, short) if self.rng.random() < 0.5 else (short, long_side)
             shapes = self._place(width, height, num_shapes)
             if shapes is not None:
-                return Scene(width, height, self._background(), shapes)
+                return Scene(width, height, self._background(), shapes, SHADE)
 
     def _place(self, width: int, height: int, num_shapes: int) -> list[Shape] | None:
         short = min(width, height)
@@ -176,27 +188,31 @@ class SceneGenerator:
         return None
 
     def clip(self) -> Clip:
-        """One shape crossing 40-75% of the frame along one axis, 4..16 frames at 4..12 fps."""
+        """One shape crossing 50-90% of its free range along one axis, 4..16 frames at 4..12 fps."""
         width, height = self.rng.choice(_CLIP_SIZES), self.rng.choice(_CLIP_SIZES)
         direction = self.rng.choice(DIRECTIONS)
         size = self.rng.uniform(0.2, 0.32) * min(width, height)
         along = width if direction in ("left", "right") else height
-        distance = self.rng.uniform(0.4, 0.75) * (along - size - 4)
+        distance = self.rng.uniform(0.5, 0.9) * (along - size - 4)
         start = self.rng.uniform(size / 2 + 2, along - size / 2 - 2 - distance)
         if direction in ("left", "up"):
             start = along - start
         across = self.rng.uniform(size / 2 + 2, (height if direction in ("left", "right") else width) - size / 2 - 2)
         cx, cy = (start, across) if direction in ("left", "right") else (across, start)
         return Clip(width, height, self._background(), self._shape(size, cx, cy), direction, distance,
-                    num_frames=self.rng.randint(4, 16), fps=self.rng.choice((4, 6, 8, 10, 12)))
+                    num_frames=self.rng.randint(4, 16), fps=self.rng.choice((4, 6, 8, 10, 12)), shade=SHADE)
 
-    def example(self, task: str) -> Example:
+    def example(self, task: str, video: bool = False) -> Example:
+        """``video``: ask ``color`` / ``shape`` about a clip of one moving shape instead of a still."""
         if task not in PROMPTS:
             raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
         question = PROMPTS[task]
-        if task == "motion":
+        if task == "motion" or video:
+            if task not in ("motion", "color", "shape"):
+                raise ValueError(f"a clip has one shape: ask motion, color or shape about it, not {task!r}")
             clip = self.clip()
-            return Example(task, question, clip.direction, video=clip.to_mp4())
+            answer = {"motion": clip.direction, "color": clip.shape.color, "shape": clip.shape.kind}[task]
+            return Example(task, question, answer, video=clip.to_mp4())
         scene = self.scene(1 if task in ("color", "shape") else None)
         answer = {"color": lambda: scene.shapes[0].color, "shape": lambda: scene.shapes[0].kind,
                   "count": lambda: COUNT_WORDS[len(scene.shapes) - 1], "describe": scene.description}[task]()
