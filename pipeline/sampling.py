@@ -84,9 +84,9 @@ class SamplerOutput:
 
 def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, token_history: list[list[int]]) -> None:
     """In place, as transformers' RepetitionPenaltyLogitsProcessor: seen tokens' positive logits / p, negative * p."""
-    lengths = torch.tensor([len(h) for h in token_history], device=logits.device)
-    if int(lengths.sum()) == 0:
+    if not any(token_history):
         return
+    lengths = torch.tensor([len(h) for h in token_history], device=logits.device)
     rows = torch.repeat_interleave(torch.arange(len(token_history), device=logits.device), lengths)
     cols = torch.tensor(list(itertools.chain.from_iterable(token_history)), device=logits.device, dtype=torch.long)
     seen = torch.zeros_like(logits, dtype=torch.bool)
@@ -96,12 +96,16 @@ def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, toke
     logits.copy_(torch.where(seen, penalized, logits))
 
 
-def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor):
-    """Masks [B, V] logits with -inf; top_k [B] (0 = off), top_p [B], min_p [B]. Ties at the k-th value are kept.
-    Sorts the vocabulary only when a row uses top-p; top-k alone takes topk(max k); min-p needs no order."""
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p):
+    """Masks [B, V] logits with -inf; top_k [B] (0 = off), top_p [B], min_p [B] as host lists (or CPU tensors):
+    which filters run is decided on the host, so a GPU step does not wait on the device. Ties at the k-th value
+    are kept. Sorts the vocabulary only when a row uses top-p; top-k alone takes topk(max k); min-p needs no order."""
     vocab_size = logits.shape[-1]
+    top_k_host, top_p_host, min_p_host = (x.tolist() if isinstance(x, torch.Tensor) else list(x)
+                                          for x in (top_k, top_p, min_p))
+    top_k, top_p, min_p = (torch.tensor(x, device=logits.device) for x in (top_k_host, top_p_host, min_p_host))
     k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
-    if bool((top_p < 1.0).any()):
+    if any(p < 1.0 for p in top_p_host):
         sorted_logits, _ = logits.sort(dim=-1, descending=True)  # [B, V]
         kth = sorted_logits.gather(1, (k - 1)[:, None])  # [B, 1]
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
@@ -111,10 +115,11 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
         keep_sorted[:, 0] = True
         num_keep = keep_sorted.sum(dim=-1, keepdim=True)  # [B, 1]
         logits = logits.masked_fill(logits < sorted_logits.gather(1, num_keep - 1), float("-inf"))
-    elif bool((top_k > 0).any()):
-        top_values = logits.topk(int(k.max()), dim=-1).values  # [B, max k]
+    elif any(k_ > 0 for k_ in top_k_host):
+        max_k = max(k_ if k_ > 0 else vocab_size for k_ in top_k_host)
+        top_values = logits.topk(min(max_k, vocab_size), dim=-1).values  # [B, max k]
         logits = logits.masked_fill(logits < top_values.gather(1, (k - 1)[:, None]), float("-inf"))
-    if bool((min_p > 0.0).any()):
+    if any(p > 0.0 for p in min_p_host):
         probs = logits.softmax(dim=-1)
         too_unlikely = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(too_unlikely, float("-inf"))
@@ -140,18 +145,16 @@ class Sampler:
             logits = raw.clone()
             penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
             apply_repetition_penalty(logits, penalties, token_history)
-        greedy = torch.tensor([p.is_greedy for p in params], device=device)
         greedy_ids = logits.argmax(dim=-1)
-        if bool(greedy.all()):
+        if all(p.is_greedy for p in params):
             token_ids = greedy_ids
         else:
+            greedy = torch.tensor([p.is_greedy for p in params], device=device)
             temperature = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=device)
             logits = logits / temperature[:, None]
             if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-                top_k = torch.tensor([p.top_k for p in params], device=device)
-                top_p = torch.tensor([p.top_p for p in params], device=device)
-                min_p = torch.tensor([p.min_p for p in params], device=device)
-                logits = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+                logits = apply_top_k_top_p_min_p(logits, [p.top_k for p in params], [p.top_p for p in params],
+                                                  [p.min_p for p in params])
             probs = logits.softmax(dim=-1)
             q = torch.empty_like(probs).exponential_()
             for row, gen in enumerate(generators):
