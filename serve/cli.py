@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests waiting beyond --max-num-seqs before 429")
     serve.add_argument("--allowed-media-host", action="append", default=[],
                        help="host whose http(s) image/video URLs may be fetched (repeatable; default none)")
+    serve.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo")
     serve.add_argument("--log-level", default="info")
 
     gen = sub.add_parser("generate", help="run one prompt and print the answer as it streams")
@@ -88,6 +89,20 @@ def _serve(args) -> int:
                           max_images=args.max_images, max_videos=args.max_videos, max_queue_len=args.max_queue_len,
                           allowed_media_hosts=tuple(args.allowed_media_host))
     app = create_app(engine_config(args), config)
+    base_url = f"http://{args.host}:{args.port}"
+    if args.no_demo:
+        where = "demo off (--no-demo)"
+    elif config.api_key:
+        where = "demo off (it has no login; start without --api-key to get it)"
+    else:
+        try:
+            from serve.demo import DEMO_PATH, mount_demo
+        except ImportError as exc:
+            where = f"demo off ({exc.name} is missing: pip install 'fusionserve[demo]')"
+        else:
+            mount_demo(app)
+            where = f"demo on {base_url}{DEMO_PATH}"
+    print(f"fusionserve: API on {base_url}, {where}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=15)
     return 0
 

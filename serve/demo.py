@@ -1,0 +1,178 @@
+"""The Gradio demo, mounted at ``/demo`` on the API's own Starlette app.
+
+It submits to the same ``AsyncEngine`` as ``/v1/generate`` (``app.state.front``): one model, one KV
+pool, and demo requests batch with API requests. The answer streams as the engine steps; the stats
+line shows tokens/s, time to first token and the prompt-token count (cached tokens included).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outbound connection
+
+import gradio as gr  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+
+from pipeline.sampling import SamplingParams  # noqa: E402
+from serve.engine_loop import AsyncEngine, EngineDeadError, NotReadyError, QueueFullError  # noqa: E402
+
+DEMO_PATH = "/demo"
+MEDIA_DIR = Path(__file__).resolve().parent.parent / "samples" / "media"
+IMAGE_QUESTIONS = ("What color is the shape?", "What shape is this?", "How many shapes are there?",
+                   "Describe the image.")
+VIDEO_QUESTION = "Which way is the shape moving?"
+QUESTIONS = IMAGE_QUESTIONS + (VIDEO_QUESTION,)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
+
+
+@dataclass
+class DemoExample:
+    """One click: a sample image or clip with its question (a ``NAME.txt`` beside the file overrides it)."""
+
+    image: str | None
+    video: str | None
+    question: str
+
+    def row(self) -> list:
+        return [self.image, self.video, self.question]
+
+
+def find_examples(media_dir: Path = MEDIA_DIR) -> list[DemoExample]:
+    """Images, then clips, from ``media_dir`` in name order; none when the folder is missing."""
+    media_dir = Path(media_dir)
+    files = sorted(media_dir.iterdir()) if media_dir.is_dir() else []
+    examples = []
+    for suffixes, is_video in ((IMAGE_SUFFIXES, False), (VIDEO_SUFFIXES, True)):
+        for path in files:
+            if path.suffix.lower() not in suffixes:
+                continue
+            sidecar = path.with_suffix(".txt")
+            question = sidecar.read_text().strip().splitlines()[0] if sidecar.is_file() else ""
+            question = question or (VIDEO_QUESTION if is_video else "Describe the image.")
+            examples.append(DemoExample(None if is_video else str(path), str(path) if is_video else None, question))
+    return examples
+
+
+@dataclass
+class GenerationStats:
+    """What the stats line shows for one answer."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_s: float | None = None  # since submit (preprocessing included)
+    elapsed_s: float = 0.0
+    finish_reason: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode rate: tokens after the first over the time since the first."""
+        if self.first_token_s is None or self.completion_tokens < 2 or self.elapsed_s <= self.first_token_s:
+            return None
+        return (self.completion_tokens - 1) / (self.elapsed_s - self.first_token_s)
+
+    def markdown(self) -> str:
+        rate = f"**{self.tokens_per_s:.1f} tokens/s**" if self.tokens_per_s is not None else "**- tokens/s**"
+        first = f"{self.first_token_s:.2f} s" if self.first_token_s is not None else "-"
+        state = f"finished: {self.finish_reason}" if self.finish_reason else "generating"
+        return (f"{rate} · {self.completion_tokens} tokens in {self.elapsed_s:.2f} s · first token after {first}"
+                f" · prompt: {self.prompt_tokens} tokens ({self.cached_tokens} cached) · {state}")
+
+
+class Demo:
+    """The handler behind the page: one streamed answer per click, on the shared engine."""
+
+    def __init__(self, front: AsyncEngine):
+        self.front = front
+
+    async def answer(self, image: str | None, video: str | None, question: str, max_tokens: float,
+                     temperature: float, top_p: float, top_k: float, seed: float | None
+                     ) -> AsyncIterator[tuple[str, str]]:
+        """Yields (answer so far, stats markdown) after every engine step that adds text."""
+        question = (question or "").strip()
+        if not question:
+            raise gr.Error("Type a question, or pick one of the example questions.")
+        if not image and not video:
+            raise gr.Error("Upload an image or a video (or click one of the sample media).")
+        try:
+            params = SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p),
+                                    top_k=int(top_k), seed=None if seed is None else int(seed))
+        except (TypeError, ValueError) as exc:
+            raise gr.Error(f"Bad sampling setting: {exc}") from exc
+        start = time.perf_counter()
+        try:
+            stream = await self.front.submit(question, [image] if image else [], [video] if video else [], params)
+        except (ValueError, QueueFullError, NotReadyError) as exc:  # bad media / prompt too long, busy, loading
+            raise gr.Error(str(exc)) from exc
+        stats = GenerationStats()
+        text = ""
+        try:
+            async for out in stream:
+                now = time.perf_counter() - start
+                if out.delta_token_ids and stats.first_token_s is None:
+                    stats.first_token_s = now
+                stats.prompt_tokens, stats.cached_tokens = out.usage.prompt_tokens, out.usage.cached_tokens
+                stats.completion_tokens, stats.elapsed_s = out.usage.completion_tokens, now
+                stats.finish_reason, text = out.finish_reason, out.text
+                if out.delta_text or out.finished:
+                    yield text, stats.markdown()
+        except EngineDeadError as exc:
+            raise gr.Error(str(exc)) from exc
+        finally:
+            stream.close()  # aborts it when the page stopped or left mid-answer
+
+
+def build_demo(front: AsyncEngine, examples: list[DemoExample] | None = None, max_tokens_limit: int = 512) -> gr.Blocks:
+    demo = Demo(front)
+    with gr.Blocks(title="fusionserve demo", analytics_enabled=False) as blocks:
+        gr.Markdown("## fusionserve\nAsk about an image or a short video. The answer streams from the "
+                    "same engine as the HTTP API.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload"],
+                                 elem_id="image")
+                video = gr.Video(label="Video", sources=["upload"], include_audio=True, format=None,
+                                 elem_id="video")
+            with gr.Column():
+                question = gr.Textbox(label="Question", value=QUESTIONS[0], lines=2, elem_id="question")
+                gr.Examples([[q] for q in QUESTIONS], inputs=[question], label="Example questions")
+                with gr.Row():
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    stop = gr.Button("Stop", elem_id="stop")
+                answer = gr.Textbox(label="Answer", lines=4, interactive=False, elem_id="answer")
+                stats = gr.Markdown(elem_id="stats")
+                with gr.Accordion("Sampling", open=False):
+                    max_tokens = gr.Slider(1, max_tokens_limit, value=32, step=1, label="Max tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
+                    top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k (0: all)")
+                    seed = gr.Number(value=None, precision=0, label="Seed (blank: random)")
+        if examples:
+            gr.Examples([e.row() for e in examples], inputs=[image, video, question], label="Sample media",
+                        examples_per_page=12)
+        inputs = [image, video, question, max_tokens, temperature, top_p, top_k, seed]
+        event = gr.on([ask.click, question.submit], demo.answer, inputs, [answer, stats], api_name="answer",
+                      concurrency_limit=None)  # the engine batches; its queue limit answers overload
+        stop.click(None, cancels=[event])
+    return blocks
+
+
+def mount_demo(app: Starlette, path: str = DEMO_PATH, media_dir: Path = MEDIA_DIR) -> gr.Blocks:
+    """Mounts the demo on ``app`` (from ``create_app``) at ``path``, over ``app.state.front``."""
+    front, config = app.state.front, app.state.config
+    allowed = [str(Path(media_dir).resolve())] if Path(media_dir).is_dir() else []
+
+    async def build_and_mount() -> gr.Blocks:
+        # inside a running loop: gradio would otherwise open (and leak) a new event loop per lock it makes
+        blocks = build_demo(front, find_examples(media_dir))
+        gr.mount_gradio_app(app, blocks, path, allowed_paths=allowed, max_file_size=config.max_upload_bytes,
+                            footer_links=[], run_history=False, ssr_mode=False, mcp_server=False)
+        return blocks
+
+    return asyncio.run(build_and_mount())

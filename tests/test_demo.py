@@ -1,0 +1,167 @@
+"""The Gradio demo mounted at /demo on a real uvicorn server, driven through gradio_client on loopback:
+streamed answers equal to the API's (whose ids are transformers' greedy ids), stats, examples, errors, Stop."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipeline.config import EngineConfig
+from pipeline.engine import Engine
+from serve.app import create_app
+from serve.demo import DEMO_PATH, QUESTIONS, VIDEO_QUESTION, find_examples, mount_demo
+from serve.protocol import ServerConfig
+from server_fixtures import mp4_bytes, png_bytes, running_server
+
+gradio_client = pytest.importorskip("gradio_client")
+pytestmark = [
+    # gradio 6.31's gr.Image(type="filepath") opens the upload with PIL to read its mode and never closes it
+    pytest.mark.filterwarnings(r"ignore:unclosed file <_io.BufferedReader name='[^']*gradio[/\\]:ResourceWarning"),
+]
+ARGS = {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}
+STATS = re.compile(r"(\d+) tokens in .* prompt: (\d+) tokens \((\d+) cached\) · (generating|finished: (\w+))")
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("media")
+    (folder / "b_shapes.png").write_bytes(png_bytes(50, 30, seed=7))
+    (folder / "a_shape.jpg").write_bytes(png_bytes(40, 40, seed=8, fmt="JPEG"))
+    (folder / "a_shape.txt").write_text("What color is the shape?\n")
+    (folder / "moving.mp4").write_bytes(mp4_bytes())
+    (folder / "notes.md").write_text("not media")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_server(tiny_checkpoint, media_dir):
+    engine_config = EngineConfig(model=str(tiny_checkpoint), num_blocks=300, block_size=8)
+    engines = []
+
+    def factory():
+        engines.append(Engine(engine_config))
+        return engines[-1]
+
+    app = create_app(engine_config, ServerConfig(), engine_factory=factory)
+    mount_demo(app, media_dir=media_dir)
+    with running_server(app) as url:
+        yield url, engines
+
+
+@pytest.fixture(scope="module")
+def client(demo_server):
+    return gradio_client.Client(demo_server[0] + DEMO_PATH + "/", verbose=False)
+
+
+def _metrics(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {f"{s.name}{json.dumps(s.labels, sort_keys=True) if s.labels else ''}": s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _finished(url: str, reason: str) -> float:
+    return _metrics(url).get(f'fusionserve_request_finish_total{{"reason": "{reason}"}}', 0.0)
+
+
+def _ask(client, image=None, video=None, question="What is this?", **args) -> list[tuple[str, str]]:
+    job = client.submit(image and gradio_client.handle_file(str(image)), video and gradio_client.handle_file(str(video)),
+                        question, *{**ARGS, **args}.values(), api_name="/answer")
+    job.result(timeout=120)
+    return [tuple(out) for out in job.outputs()]
+
+
+def test_find_examples(media_dir, tmp_path):
+    examples = find_examples(media_dir)
+    assert [(e.image and e.image.split("/")[-1], e.video and e.video.split("/")[-1], e.question) for e in examples] == [
+        ("a_shape.jpg", None, "What color is the shape?"),  # its .txt
+        ("b_shapes.png", None, "Describe the image."),
+        (None, "moving.mp4", VIDEO_QUESTION),
+    ]
+    assert find_examples(tmp_path / "missing") == []
+    assert QUESTIONS == ("What color is the shape?", "What shape is this?", "How many shapes are there?",
+                         "Describe the image.", "Which way is the shape moving?")
+
+
+def test_image_answer_streams_transformers_ids_on_the_api_engine(demo_server, client, media_dir, hf_model,
+                                                                 hf_processor):
+    url, engines = demo_server
+    image = media_dir / "b_shapes.png"
+    ref_in = hf_processor(images=Image.open(image), text="What is this?", return_tensors="pt",
+                          return_legacy_image_output=False)
+    with torch.no_grad():
+        ref = hf_model.generate(**ref_in, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref_ids, num_prompt = ref[0, ref_in["input_ids"].shape[1]:].tolist(), ref_in["input_ids"].shape[1]
+    api = httpx.post(url + "/v1/generate", data={"prompt": "What is this?", "max_tokens": "12", "temperature": "0"},
+                     files={"image": ("b.png", image.read_bytes(), "image/png")}, timeout=60).json()
+    assert api["token_ids"] == ref_ids[:len(api["token_ids"])]
+    finished_before = _finished(url, api["finish_reason"])
+
+    outputs = _ask(client, image=image)
+    text, stats = outputs[-1]
+    assert text == api["text"]
+    completion, prompt, cached, _, reason = STATS.search(stats).groups()
+    assert (int(completion), int(prompt), reason) == (len(api["token_ids"]), num_prompt, api["finish_reason"])
+    assert int(cached) > 0  # the API request just ran this prompt: the demo shares its prefix cache
+    assert "tokens/s" in stats
+    # streamed: partial answers, each a prefix of the final one, came before it
+    partial = [(t, STATS.search(s).groups()) for t, s in outputs[:-1]]
+    assert partial and all(text.startswith(t) and g[3] == "generating" for t, g in partial)
+    counts = [int(g[0]) for _, g in partial]
+    assert counts == sorted(counts) and counts[-1] < int(completion)
+    # the same engine as the API: one model loaded, and the demo's request counted in the API's metrics
+    assert len(engines) == 1
+    assert _finished(url, api["finish_reason"]) == finished_before + 1
+
+
+def test_video_matches_the_api(demo_server, client, media_dir):
+    url, _ = demo_server
+    clip = media_dir / "moving.mp4"
+    api = httpx.post(url + "/v1/generate", data={"prompt": VIDEO_QUESTION, "max_tokens": "6", "temperature": "0"},
+                     files={"video": ("m.mp4", clip.read_bytes(), "video/mp4")}, timeout=60).json()
+    text, stats = _ask(client, video=clip, question=VIDEO_QUESTION, max_tokens=6)[-1]
+    assert text == api["text"]
+    assert int(STATS.search(stats).group(2)) == api["usage"]["prompt_tokens"]
+
+
+def test_bad_input_is_a_message_for_the_user(client, media_dir, tmp_path):
+    with pytest.raises(gradio_client.exceptions.AppError, match="Upload an image or a video"):
+        _ask(client)
+    with pytest.raises(gradio_client.exceptions.AppError, match="Type a question"):
+        _ask(client, image=media_dir / "b_shapes.png", question="   ")
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 200)
+    with pytest.raises(gradio_client.exceptions.AppError, match="(?i)video"):
+        _ask(client, video=broken, question=VIDEO_QUESTION)
+
+
+def test_stop_aborts_the_request_and_frees_its_kv_blocks(demo_server, client, media_dir):
+    url, _ = demo_server
+    aborted_before = _finished(url, "abort")
+    job = client.submit(gradio_client.handle_file(str(media_dir / "b_shapes.png")), None, "What is this?",
+                        *{**ARGS, "max_tokens": 512}.values(), api_name="/answer")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job.outputs(), "no streamed output within 60 s"
+    job.cancel()
+    while time.monotonic() < deadline and (_finished(url, "abort") == aborted_before
+                                           or _metrics(url)["fusionserve_kv_blocks_used"] > 0):
+        time.sleep(0.05)
+    assert _finished(url, "abort") == aborted_before + 1
+    assert _metrics(url)["fusionserve_kv_blocks_used"] == 0
+
+
+def test_page_and_examples_are_served(demo_server, client, media_dir):
+    url, _ = demo_server
+    page = httpx.get(url + DEMO_PATH + "/", timeout=30)
+    assert page.status_code == 200 and "fusionserve demo" in page.text
+    config = httpx.get(url + DEMO_PATH + "/config", timeout=30).json()
+    samples = [c for c in config["components"] if c.get("props", {}).get("label") == "Sample media"]
+    assert samples and len(samples[0]["props"]["samples"]) == 3
+    assert httpx.get(url + "/health").json()["status"] == "ok"  # the API routes beside it still answer
