@@ -102,7 +102,7 @@ class Demo:
             raise gr.Error("Upload an image or a video (or click one of the sample media).")
         try:
             params = SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p),
-                                    top_k=int(top_k), seed=None if seed is None else int(seed))
+                                    top_k=int(top_k), seed=None if seed is None or seed < 0 else int(seed))
         except (TypeError, ValueError) as exc:
             raise gr.Error(f"Bad sampling setting: {exc}") from exc
         start = time.perf_counter()
@@ -152,7 +152,7 @@ def build_demo(front: AsyncEngine, examples: list[DemoExample] | None = None, ma
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                     top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k (0: all)")
-                    seed = gr.Number(value=None, precision=0, label="Seed (blank: random)")
+                    seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (-1: random)")
         if examples:
             gr.Examples([e.row() for e in examples], inputs=[image, video, question], label="Sample media",
                         examples_per_page=12)
@@ -168,11 +168,17 @@ def mount_demo(app: Starlette, path: str = DEMO_PATH, media_dir: Path = MEDIA_DI
     front, config = app.state.front, app.state.config
     allowed = [str(Path(media_dir).resolve())] if Path(media_dir).is_dir() else []
 
-    async def build_and_mount() -> gr.Blocks:
-        # inside a running loop: gradio would otherwise open (and leak) a new event loop per lock it makes
+    def build_and_mount() -> gr.Blocks:
         blocks = build_demo(front, find_examples(media_dir))
         gr.mount_gradio_app(app, blocks, path, allowed_paths=allowed, max_file_size=config.max_upload_bytes,
                             footer_links=[], run_history=False, ssr_mode=False, mcp_server=False)
         return blocks
 
-    return asyncio.run(build_and_mount())
+    async def in_a_loop() -> gr.Blocks:
+        return build_and_mount()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # gradio would open (and leak) a new event loop for each lock it makes
+        return asyncio.run(in_a_loop())
+    return build_and_mount()

@@ -24,7 +24,7 @@ pytestmark = [
     # gradio 6.31's gr.Image(type="filepath") opens the upload with PIL to read its mode and never closes it
     pytest.mark.filterwarnings(r"ignore:unclosed file <_io.BufferedReader name='[^']*gradio[/\\]:ResourceWarning"),
 ]
-ARGS = {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}
+ARGS = {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": -1}
 STATS = re.compile(r"(\d+) tokens in .* prompt: (\d+) tokens \((\d+) cached\) · (generating|finished: (\w+))")
 
 
@@ -165,3 +165,13 @@ def test_page_and_examples_are_served(demo_server, client, media_dir):
     samples = [c for c in config["components"] if c.get("props", {}).get("label") == "Sample media"]
     assert samples and len(samples[0]["props"]["samples"]) == 3
     assert httpx.get(url + "/health").json()["status"] == "ok"  # the API routes beside it still answer
+
+
+def test_sampling_controls_reach_the_engine(demo_server, client, media_dir):
+    url, _ = demo_server
+    image = media_dir / "a_shape.jpg"
+    sampled = {"max_tokens": 8, "temperature": 1.0, "top_p": 0.9, "top_k": 20, "seed": 5}
+    api = httpx.post(url + "/v1/generate", data={"prompt": "What is this?", **{k: str(v) for k, v in sampled.items()}},
+                     files={"image": ("a.jpg", image.read_bytes(), "image/jpeg")}, timeout=60).json()
+    assert _ask(client, image=image, **sampled)[-1][0] == api["text"]
+    assert _ask(client, image=image, max_tokens=8)[-1][0] != api["text"]  # greedy differs: the settings were used

@@ -1,0 +1,84 @@
+"""The demo page in a real browser: Debian's headless chromium driven by playwright uploads an image, asks a
+question, reads the answer as it streams and saves a screenshot (under the test's tmp dir)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from pipeline.config import EngineConfig
+from serve.app import create_app
+from serve.demo import DEMO_PATH, mount_demo
+from serve.protocol import ServerConfig
+from server_fixtures import running_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+QUESTION = "What shape is this?"
+pytestmark = [
+    pytest.mark.slow,
+    # gradio 6.31's gr.Image(type="filepath") opens the upload with PIL to read its mode and never closes it
+    pytest.mark.filterwarnings(r"ignore:unclosed file <_io.BufferedReader name='[^']*gradio[/\\]:ResourceWarning"),
+]
+
+
+def _shape_png(path: Path) -> Path:
+    image = Image.new("RGB", (96, 72), (235, 235, 225))
+    ImageDraw.Draw(image).ellipse((30, 18, 66, 54), fill=(215, 35, 35))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail(f"Debian's chromium is missing at {CHROMIUM}: run `make browser` as root "
+                    "(apt-get install -y chromium); playwright's own browser download is not used")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+                                             timeout=60_000)
+        yield browser
+        browser.close()
+
+
+def test_upload_ask_stream_and_screenshot(browser, tiny_checkpoint, tmp_path):
+    media = tmp_path / "media"
+    media.mkdir()
+    image = _shape_png(media / "red_circle.png")
+    app = create_app(EngineConfig(model=str(tiny_checkpoint), num_blocks=300, block_size=8), ServerConfig())
+    mount_demo(app, media_dir=media)
+    with running_server(app) as url:
+        api = httpx.post(url + "/v1/generate", data={"prompt": QUESTION, "max_tokens": "48", "temperature": "0"},
+                         files={"image": ("c.png", image.read_bytes(), "image/png")}, timeout=60).json()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(url + DEMO_PATH)
+        page.locator("#image input[type=file]").set_input_files(str(image))
+        page.locator("#image img").first.wait_for()  # the upload is shown
+        page.locator("#question textarea").fill(QUESTION)
+        page.get_by_text("Sampling").click()
+        page.get_by_label("Max tokens").first.fill("48")
+        page.evaluate("""() => {  // every state the stats line goes through, as it streams
+            window.seenStats = [];
+            const stats = document.querySelector('#stats');
+            new MutationObserver(() => window.seenStats.push(stats.innerText))
+                .observe(stats, {subtree: true, childList: true, characterData: true});
+        }""")
+        page.locator("#ask").click()
+        page.locator("#stats", has_text="finished:").wait_for()
+        answer = page.locator("#answer textarea").input_value()
+        stats = page.locator("#stats").inner_text()
+        seen = page.evaluate("window.seenStats")
+        page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        page.close()
+    print(f"screenshot: {tmp_path / 'demo.png'}")
+    assert answer == api["text"]
+    assert f"prompt: {api['usage']['prompt_tokens']} tokens" in stats and "tokens/s" in stats
+    assert f"{api['usage']['completion_tokens']} tokens in" in stats
+    assert any("generating" in s for s in seen), seen  # partial answers were shown before the end
+    assert re.search(r"\d+(\.\d+)? tokens/s", stats)
