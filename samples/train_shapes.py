@@ -26,7 +26,6 @@ from samples.shapes import COLORS, COUNT_WORDS, DIRECTIONS, PROMPTS, SHAPES, Sce
 from tokenization import Interleaver, TextTokenizer
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "fuyu-shapes"
-PATCH_CONFIG = PatchConfig(target_height=96, target_width=96, patch_size=16)
 # every prompt and answer word is one token; "<t=" starts each video frame's timestamp
 WORDS = tuple(dict.fromkeys(
     w for text in (*PROMPTS.values(), *COLORS, *SHAPES, *COUNT_WORDS, *DIRECTIONS, "a an and")
@@ -49,9 +48,16 @@ class TrainConfig:
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
+    patch_size: int = 16
+    image_side: int = 96  # images and frames fit into image_side x image_side
+    motion_weight: int = 4  # clip batches: motion : color : shape = motion_weight : 1 : 1
     threads: int = 1  # on a shared 2-core CPU one thread ran 5x faster than two
     max_minutes: float | None = None  # stop early (and say so) past this wall-clock time
     save_every: int = 500
+
+
+def patch_config(cfg: TrainConfig) -> PatchConfig:
+    return PatchConfig(target_height=cfg.image_side, target_width=cfg.image_side, patch_size=cfg.patch_size)
 
 
 @dataclass
@@ -67,12 +73,12 @@ def model_config_kwargs(cfg: TrainConfig, vocab_size: int) -> dict:
     return tiny_config_kwargs(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, max_position_embeddings=2048,
-        patch_size=PATCH_CONFIG.patch_size, image_size=PATCH_CONFIG.target_height)
+        patch_size=cfg.patch_size, image_size=cfg.image_side)
 
 
-def make_interleaver():
+def make_interleaver(cfg: TrainConfig):
     tok = build_tokenizer(EXTRA_WORDS)
-    return tok, Interleaver(TextTokenizer(tok), PATCH_CONFIG)
+    return tok, Interleaver(TextTokenizer(tok), patch_config(cfg))
 
 
 def collate(interleaver: Interleaver, examples) -> Batch:
@@ -106,10 +112,10 @@ class BatchStream(torch.utils.data.IterableDataset):
         torch.set_num_threads(1)
         import random
         gen, rng = SceneGenerator(self.seed), random.Random(self.seed + 1)
-        _, interleaver = make_interleaver()
+        _, interleaver = make_interleaver(self.cfg)
         for step in range(self.cfg.steps):
             if step % self.cfg.video_every == self.cfg.video_every - 1:  # a third of the clips: color or shape
-                tasks = rng.choices(("motion", "color", "shape"), (4, 1, 1), k=self.cfg.video_batch_size)
+                tasks = rng.choices(("motion", "color", "shape"), (self.cfg.motion_weight, 1, 1), k=self.cfg.video_batch_size)
                 examples = [gen.example(t, video=True) for t in tasks]
             else:
                 tasks = rng.choices(IMAGE_TASKS, IMAGE_TASK_WEIGHTS, k=self.cfg.image_batch_size)
@@ -117,8 +123,8 @@ class BatchStream(torch.utils.data.IterableDataset):
             yield collate(interleaver, examples)
 
 
-def answer_loss(model, batch: Batch) -> torch.Tensor:
-    pixel_values = normalize_patches(batch.patches, PATCH_CONFIG)
+def answer_loss(model, batch: Batch, patches: PatchConfig) -> torch.Tensor:
+    pixel_values = normalize_patches(batch.patches, patches)
     hidden = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          pixel_values=pixel_values).last_hidden_state  # [B, S, H]
     where = batch.labels != -100
@@ -132,16 +138,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save(model, tok, out_dir: Path) -> None:
+def save(model, tok, out_dir: Path, patches: PatchConfig) -> None:
     from transformers import FuyuImageProcessor, FuyuProcessor, PreTrainedTokenizerFast
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<unk>")
-    p = PATCH_CONFIG.patch_size
-    image_processor = FuyuImageProcessor(size={"height": PATCH_CONFIG.target_height,
-                                               "width": PATCH_CONFIG.target_width},
+    p = patches.patch_size
+    image_processor = FuyuImageProcessor(size={"height": patches.target_height, "width": patches.target_width},
                                          patch_size={"height": p, "width": p})
     FuyuProcessor(image_processor=image_processor, tokenizer=fast).save_pretrained(out_dir)
 
@@ -151,12 +156,12 @@ def train(cfg: TrainConfig, out_dir: Path) -> None:
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    tok, _ = make_interleaver()
+    tok, _ = make_interleaver(cfg)
     vocab_size = 64 * math.ceil(tok.get_vocab_size() / 64)
     config = FuyuConfig(image_token_id=tok.token_to_id(IMAGE_TOKEN), **model_config_kwargs(cfg, vocab_size))
     model = FuyuForCausalLM(config).train()
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {num_params / 1e6:.2f} M parameters, vocab {vocab_size}, {cfg.steps} steps", flush=True)
+    print(f"model: {num_params / 1e6:.2f} M parameters, vocab {vocab_size}, {cfg.steps} steps, {cfg}", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -167,7 +172,7 @@ def train(cfg: TrainConfig, out_dir: Path) -> None:
     for step, batch in enumerate(loader):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = answer_loss(model, batch)
+        loss = answer_loss(model, batch, patch_config(cfg))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,12 +186,12 @@ def train(cfg: TrainConfig, out_dir: Path) -> None:
                   f"{time.time() - start:.0f} s", flush=True)
             recent = {"image": [], "video": []}
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save(model, tok, out_dir)
+            save(model, tok, out_dir, patch_config(cfg))
         if cfg.max_minutes is not None and time.time() - start > 60 * cfg.max_minutes:
             print(f"stopped early after {step + 1} of {cfg.steps} steps ({cfg.max_minutes} min)", flush=True)
             break
     model.eval()
-    save(model, tok, out_dir)
+    save(model, tok, out_dir, patch_config(cfg))
     print(f"trained in {time.time() - start:.0f} s; saved to {out_dir}", flush=True)
 
 
@@ -197,9 +202,17 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--max-minutes", type=float, default=None)
+    parser.add_argument("--patch-size", type=int, default=TrainConfig.patch_size)
+    parser.add_argument("--image-side", type=int, default=TrainConfig.image_side,
+                        help="images and video frames fit into this many pixels a side")
+    parser.add_argument("--video-every", type=int, default=TrainConfig.video_every,
+                        help="every n-th step is a batch of clips")
+    parser.add_argument("--motion-weight", type=int, default=TrainConfig.motion_weight,
+                        help="clip batches ask motion : color : shape in this ratio to 1 : 1")
     args = parser.parse_args(argv)
-    train(TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads, max_minutes=args.max_minutes),
-          args.out)
+    train(TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads, max_minutes=args.max_minutes,
+                      patch_size=args.patch_size, image_side=args.image_side, video_every=args.video_every,
+                      motion_weight=args.motion_weight), args.out)
 
 
 if __name__ == "__main__":

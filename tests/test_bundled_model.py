@@ -103,3 +103,27 @@ def test_small_evaluation_over_http(pipe):
                 correct += body["text"].strip() == ex.answer
             if task == "color":
                 assert correct >= 9, f"color: {correct}/10 over HTTP"
+
+
+def test_training_script_writes_a_checkpoint_transformers_reads(tmp_path):
+    """Two seeded steps at patch 8 / 64x64: transformers' processor tokenizes like our Interleaver, the config
+    carries the patch size, and a second run gives the same weights."""
+    from safetensors.torch import load_file
+    from transformers import FuyuConfig, FuyuProcessor
+
+    from samples.train_shapes import TrainConfig, train
+
+    cfg = TrainConfig(steps=2, patch_size=8, image_side=64, image_batch_size=2, video_batch_size=1,
+                      hidden_size=32, num_layers=1, num_heads=2, warmup_steps=1)
+    for run in ("a", "b"):
+        train(cfg, tmp_path / run)
+    config = FuyuConfig.from_pretrained(tmp_path / "a")
+    assert (config.patch_size, config.text_config.num_hidden_layers) == (8, 1)
+    processor = FuyuProcessor.from_pretrained(tmp_path / "a")
+    ex = examples_for("count", 1, EVAL_SEED + 5)[0]
+    inputs = processor(images=ex.image, text=ex.question, return_tensors="pt", return_legacy_image_output=False)
+    assert inputs["input_ids"][0].tolist() == Interleaver.from_pretrained(tmp_path / "a").build(
+        ex.question, images=[ex.image]).token_ids
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["vision_embed_tokens.weight"].shape == (32, 8 * 8 * 3)
