@@ -7,7 +7,7 @@
    one after another: mean time-to-first-token with the prefix cache on vs off.
 3. KV waste: allocated-but-unfilled slots / allocated slots, averaged over the steps of run 1.
 
-    .venv/bin/python -m benchmarks.throughput [--requests 64] [--hf-requests 64]
+    .venv/bin/python -m benchmarks.throughput [--requests 64] [--hf-requests 64] [--threads N]
 """
 from __future__ import annotations
 
@@ -100,7 +100,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--hf-requests", type=int, default=64, help="how many of them the baselines run")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for every system (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import FuyuForCausalLM
 
     folder = bench_checkpoint(target_size=256)

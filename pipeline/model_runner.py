@@ -1,8 +1,10 @@
 """Packs one step into flat tensors, owns the paged KV pool, runs the model (and the sampler)."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -42,10 +44,26 @@ class StepInputs:
     meta: AttentionMetadata
 
 
+def keep_freed_memory() -> None:
+    """glibc: serve large CPU tensors from the heap and keep freed memory, instead of an mmap (and its page
+    faults) per allocation. A step allocates tens of MB per layer; fresh pages cost more than the copies into
+    them (a 55 MB clone: 51 ms before, 11 ms after). The job jemalloc/tcmalloc do in PyTorch's CPU tuning guide."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, patch_normalizer=None):
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = config.torch_dtype
         self.backend = get_backend(config.attention_backend, self.device)
         self.model: FuyuModel = load_model(config.model, self.backend, self.device, self.dtype)
