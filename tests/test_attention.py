@@ -69,6 +69,12 @@ def test_prefill_and_chunks_with_cached_prefix(num_kv_heads):
     run_case([9, 5, 20], [9, 30, 20], block_size=8, num_heads=4, num_kv_heads=num_kv_heads)
 
 
+def test_many_decodes_of_varied_lengths_in_length_groups():
+    seq_lens = [1 + (i * 37) % 61 for i in range(21)]  # sorted and cut into several groups by the backend
+    run_case([1] * 21, seq_lens, block_size=4, num_heads=2, num_kv_heads=1)
+    run_case([1] * 20 + [7], seq_lens, block_size=8, num_heads=2, num_kv_heads=2)
+
+
 def test_mixed_step():
     run_case([1, 12, 1, 3], [40, 12, 5, 17], block_size=4, num_heads=2, num_kv_heads=2, head_dim=32)
 

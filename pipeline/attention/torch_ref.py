@@ -2,9 +2,10 @@
 
 Each sequence's key blocks are gathered from the pool through its block table into a padded
 ``[B, num_blocks * block_size]`` view, and one masked SDPA call serves a group of sequences. A step
-has at most two groups: its decodes (one query each, no padding) and its prefill chunks (queries
-padded to the longest chunk), so a long prefill chunk never pads the decodes it is batched with.
-No Python loop over sequences.
+has a few groups: its decodes (one query each), sorted by length and cut into up to four groups so a
+short sequence is not padded to the longest, and its prefill chunks (queries padded to the longest
+chunk), so a long prefill chunk never pads the decodes it is batched with. No Python loop over
+sequences.
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import torch.nn.functional as F
 
 from pipeline.attention.base import AttentionBackend, AttentionMetadata, write_kv
 
+_MIN_DECODE_GROUP = 8
+_MAX_DECODE_GROUPS = 4
+
 
 @dataclass
 class _Group:
-    tokens: torch.Tensor | None  # [Tg] indices of the group's tokens in the step (None: all of them, in order)
+    tokens: torch.Tensor  # [Tg] indices of the group's tokens in the step
     blocks: torch.Tensor  # [Bg * num_blocks] pool blocks, row-major per sequence
     q_index: tuple[torch.Tensor, torch.Tensor] | None  # (sequence, row) of each token in the padded queries
     mask: torch.Tensor  # [Bg, 1, Q, S]
@@ -26,14 +30,12 @@ class _Group:
     max_query_len: int
 
 
-def _group(meta: AttentionMetadata, seqs: torch.Tensor | None) -> _Group:
-    """Precompute for the sequences ``seqs`` (None: all) of the step."""
+def _group(meta: AttentionMetadata, seqs: torch.Tensor) -> _Group:
+    """Precompute for the sequences ``seqs`` of the step."""
     device = meta.seq_lens.device
     cu = meta.cu_seqlens_q.long()
-    starts, query_lens, seq_lens = cu[:-1], cu[1:] - cu[:-1], meta.seq_lens.long()
-    tables = meta.block_tables
-    if seqs is not None:
-        starts, query_lens, seq_lens, tables = starts[seqs], query_lens[seqs], seq_lens[seqs], tables[seqs]
+    starts, query_lens = cu[:-1][seqs], (cu[1:] - cu[:-1])[seqs]
+    seq_lens, tables = meta.seq_lens.long()[seqs], meta.block_tables[seqs]
     num_seqs = seq_lens.numel()
     max_query_len = int(query_lens.max())
     num_blocks = -(-int(seq_lens.max()) // meta.block_size)
@@ -41,7 +43,7 @@ def _group(meta: AttentionMetadata, seqs: torch.Tensor | None) -> _Group:
     # causal over the cached prefix: query row i of a sequence sits at position seq_len - q_len + i
     q_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_query_len, device=device)
     mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
-    q_index = tokens = None
+    q_index, tokens = None, starts
     if max_query_len > 1:
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
         tokens = torch.repeat_interleave(starts, query_lens)
@@ -49,8 +51,6 @@ def _group(meta: AttentionMetadata, seqs: torch.Tensor | None) -> _Group:
             query_lens.cumsum(0) - query_lens, query_lens)
         tokens = tokens + row
         q_index = (seq_of_token, row)
-    elif seqs is not None:
-        tokens = starts
     return _Group(tokens, tables[:, :num_blocks].reshape(-1).long(), q_index, mask[:, None], num_seqs,
                   max_query_len)
 
@@ -73,22 +73,21 @@ class TorchBackend(AttentionBackend):
         return buf[:numel].view(shape)
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        if meta.is_decode_only:
-            groups = [_group(meta, None)]
-        else:
-            query_lens = meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]
-            decodes = (query_lens == 1).nonzero().flatten()
-            prefills = (query_lens > 1).nonzero().flatten()
-            groups = [_group(meta, seqs) for seqs in (decodes, prefills) if seqs.numel()]
+        query_lens = meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]
+        decodes = (query_lens == 1).nonzero().flatten()
+        prefills = (query_lens > 1).nonzero().flatten()
+        # decodes sorted by length and cut into a few groups, so short sequences are not padded to the longest
+        decodes = decodes[meta.seq_lens[decodes].argsort()]
+        num_groups = max(1, min(_MAX_DECODE_GROUPS, decodes.numel() // _MIN_DECODE_GROUP))
+        groups = [_group(meta, seqs) for seqs in decodes.tensor_split(num_groups) if seqs.numel()]
+        if prefills.numel():
+            groups.append(_group(meta, prefills))
         meta.extra["torch"] = groups
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        groups: list[_Group] = meta.extra["torch"]
-        if len(groups) == 1 and groups[0].tokens is None and groups[0].q_index is None:
-            return self._attend(q, k_cache, v_cache, groups[0], scale)
         out = torch.empty_like(q)
-        for group in groups:
+        for group in meta.extra["torch"]:
             out[group.tokens] = self._attend(q[group.tokens], k_cache, v_cache, group, scale)
         return out
 
