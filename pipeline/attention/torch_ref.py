@@ -2,7 +2,7 @@
 
 Each sequence's key blocks are gathered from the pool through its block table into a padded
 ``[B, num_blocks * block_size]`` view, and one masked SDPA call serves a group of sequences. A step
-has a few groups: its decodes (one query each), sorted by length and cut into up to four groups so a
+has a few groups: its decodes (one query each), sorted by length and cut into groups of at least four (at most sixteen) so a
 short sequence is not padded to the longest, and its prefill chunks (queries padded to the longest
 chunk), so a long prefill chunk never pads the decodes it is batched with. No Python loop over
 sequences.
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from pipeline.attention.base import AttentionBackend, AttentionMetadata, write_kv
 
-_MIN_DECODE_GROUP = 8
-_MAX_DECODE_GROUPS = 4
+_MIN_DECODE_GROUP = 4
+_MAX_DECODE_GROUPS = 16
 
 
 @dataclass
