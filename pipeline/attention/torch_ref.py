@@ -1,11 +1,11 @@
 """Reference backend: plain torch SDPA over the paged cache, on any device.
 
 Each sequence's key blocks are gathered from the pool through its block table into a padded
-``[B, num_blocks * block_size]`` view, and one masked SDPA call serves a group of sequences. A step
-has a few groups: its decodes (one query each), sorted by length and cut into groups of at least four (at most sixteen) so a
-short sequence is not padded to the longest, and its prefill chunks (queries padded to the longest
-chunk), so a long prefill chunk never pads the decodes it is batched with. No Python loop over
-sequences.
+``[B, num_blocks * block_size]`` view, and one masked SDPA call serves a group of sequences. A step's
+decodes (one query each) are sorted by length and cut into groups of at least four sequences (at most
+sixteen groups), so a short sequence is not padded to the longest; its prefill chunks form one more
+group (queries padded to the longest chunk), so a long chunk never pads the decodes batched with it.
+No Python loop over sequences.
 """
 from __future__ import annotations
 
