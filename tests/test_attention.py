@@ -75,6 +75,12 @@ def test_many_decodes_of_varied_lengths_in_length_groups():
     run_case([1] * 20 + [7], seq_lens, block_size=8, num_heads=2, num_kv_heads=2)
 
 
+def test_many_prefill_chunks_in_length_groups():
+    query_lens = [2 + (i * 7) % 19 for i in range(10)]
+    seq_lens = [q + (i * 5) % 13 for i, q in enumerate(query_lens)]  # some continue a cached prefix
+    run_case(query_lens + [1, 1, 1, 1], seq_lens + [9, 30, 4, 17], block_size=4, num_heads=2, num_kv_heads=2)
+
+
 def test_mixed_step():
     run_case([1, 12, 1, 3], [40, 12, 5, 17], block_size=4, num_heads=2, num_kv_heads=2, head_dim=32)
 

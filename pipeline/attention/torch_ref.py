@@ -3,8 +3,8 @@
 Each sequence's key blocks are gathered from the pool through its block table into a padded
 ``[B, num_blocks * block_size]`` view, and one masked SDPA call serves a group of sequences. A step's
 decodes (one query each) are sorted by length and cut into groups of at least four sequences (at most
-sixteen groups), so a short sequence is not padded to the longest; its prefill chunks form one more
-group (queries padded to the longest chunk), so a long chunk never pads the decodes batched with it.
+sixteen groups), so a short sequence is not padded to the longest; its prefill chunks are grouped the
+same way by chunk length (queries padded within a group), and never share a group with decodes.
 No Python loop over sequences.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from pipeline.attention.base import AttentionBackend, AttentionMetadata, write_kv
 
-_MIN_DECODE_GROUP = 4
-_MAX_DECODE_GROUPS = 16
+_MIN_GROUP = 4
+_MAX_GROUPS = 16
 
 
 @dataclass
@@ -74,14 +74,14 @@ class TorchBackend(AttentionBackend):
 
     def prepare(self, meta: AttentionMetadata) -> None:
         query_lens = meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]
-        decodes = (query_lens == 1).nonzero().flatten()
-        prefills = (query_lens > 1).nonzero().flatten()
-        # decodes sorted by length and cut into a few groups, so short sequences are not padded to the longest
-        decodes = decodes[meta.seq_lens[decodes].argsort()]
-        num_groups = max(1, min(_MAX_DECODE_GROUPS, decodes.numel() // _MIN_DECODE_GROUP))
-        groups = [_group(meta, seqs) for seqs in decodes.tensor_split(num_groups) if seqs.numel()]
-        if prefills.numel():
-            groups.append(_group(meta, prefills))
+        groups = []
+        # decodes by length, prefill chunks by chunk length: sorted and cut into a few groups of similar
+        # sizes, so no sequence is padded to a much longer one
+        for is_decode, key in ((True, meta.seq_lens), (False, query_lens)):
+            seqs = ((query_lens == 1) if is_decode else (query_lens > 1)).nonzero().flatten()
+            seqs = seqs[key[seqs].argsort()]
+            num_groups = max(1, min(_MAX_GROUPS, seqs.numel() // _MIN_GROUP))
+            groups += [_group(meta, part) for part in seqs.tensor_split(num_groups) if part.numel()]
         meta.extra["torch"] = groups
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
