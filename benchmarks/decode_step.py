@@ -2,7 +2,7 @@
 its own KV cache (DynamicCache), same model, same context length. The two are timed in alternation, step by
 step, in the same process, so machine noise hits both alike; medians are printed.
 
-    .venv/bin/python -m benchmarks.decode_step [--context 256] [--steps 30]
+    .venv/bin/python -m benchmarks.decode_step [--context 256] [--steps 30] [--threads N]
 """
 from __future__ import annotations
 
@@ -67,7 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = bench_checkpoint()
     print(f"decode step, context {args.context}, float32, CPU threads {torch.get_num_threads()}, "
           f"median of {args.steps} alternating steps")

@@ -18,6 +18,7 @@ from pipeline.attention.base import AttentionBackend, AttentionMetadata, write_k
 
 _MIN_GROUP = 4
 _MAX_GROUPS = 16
+_SPLIT_RATIO = 1.25
 
 
 @dataclass
@@ -55,6 +56,21 @@ def _group(meta: AttentionMetadata, seqs: torch.Tensor) -> _Group:
                   max_query_len)
 
 
+def _split_by_length(seqs: list[int], length: list[int]) -> list[list[int]]:
+    """Sequences sorted by length -> runs of at least _MIN_GROUP; a new run starts when the next sequence is
+    more than _SPLIT_RATIO times the current run's shortest (at most _MAX_GROUPS runs)."""
+    parts: list[list[int]] = []
+    for i in seqs:
+        current = parts[-1] if parts else None
+        if (current is None or (len(current) >= _MIN_GROUP and len(parts) < _MAX_GROUPS
+                                and length[i] > _SPLIT_RATIO * length[current[0]]
+                                and len(seqs) - sum(map(len, parts)) >= _MIN_GROUP)):
+            parts.append([i])
+        else:
+            current.append(i)
+    return parts
+
+
 class TorchBackend(AttentionBackend):
     name = "torch"
 
@@ -73,15 +89,15 @@ class TorchBackend(AttentionBackend):
         return buf[:numel].view(shape)
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        query_lens = meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]
+        query_lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).tolist()
+        seq_lens = meta.seq_lens.tolist()
         groups = []
-        # decodes by length, prefill chunks by chunk length: sorted and cut into a few groups of similar
-        # sizes, so no sequence is padded to a much longer one
-        for is_decode, key in ((True, meta.seq_lens), (False, query_lens)):
-            seqs = ((query_lens == 1) if is_decode else (query_lens > 1)).nonzero().flatten()
-            seqs = seqs[key[seqs].argsort()]
-            num_groups = max(1, min(_MAX_GROUPS, seqs.numel() // _MIN_GROUP))
-            groups += [_group(meta, part) for part in seqs.tensor_split(num_groups) if part.numel()]
+        # decodes by length, prefill chunks by chunk length: sorted, and cut where padding to the group's
+        # longest would waste much, so no sequence is padded to a much longer one
+        for is_decode, key in ((True, seq_lens), (False, query_lens)):
+            seqs = sorted((i for i, q in enumerate(query_lens) if (q == 1) == is_decode), key=key.__getitem__)
+            groups += [_group(meta, torch.tensor(part, device=meta.seq_lens.device))
+                       for part in _split_by_length(seqs, key)]
         meta.extra["torch"] = groups
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
