@@ -18,7 +18,6 @@ from pipeline.attention.base import AttentionBackend, AttentionMetadata, write_k
 
 _MIN_GROUP = 4
 _MAX_GROUPS = 16
-_SPLIT_RATIO = 1.25
 
 
 @dataclass
@@ -58,12 +57,12 @@ def _group(meta: AttentionMetadata, seqs: torch.Tensor) -> _Group:
 
 def _split_by_length(seqs: list[int], length: list[int]) -> list[list[int]]:
     """Sequences sorted by length -> runs of at least _MIN_GROUP; a new run starts when the next sequence is
-    more than _SPLIT_RATIO times the current run's shortest (at most _MAX_GROUPS runs)."""
+    longer than the current run's shortest (at most _MAX_GROUPS runs): equal lengths stay in one run."""
     parts: list[list[int]] = []
     for i in seqs:
         current = parts[-1] if parts else None
         if (current is None or (len(current) >= _MIN_GROUP and len(parts) < _MAX_GROUPS
-                                and length[i] > _SPLIT_RATIO * length[current[0]]
+                                and length[i] > length[current[0]]
                                 and len(seqs) - sum(map(len, parts)) >= _MIN_GROUP)):
             parts.append([i])
         else:
