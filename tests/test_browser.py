@@ -53,7 +53,8 @@ def test_upload_ask_stream_and_screenshot(browser, tiny_checkpoint, tmp_path):
     app = create_app(EngineConfig(model=str(tiny_checkpoint), num_blocks=300, block_size=8), ServerConfig())
     mount_demo(app, media_dir=media)
     with running_server(app) as url:
-        api = httpx.post(url + "/v1/generate", data={"prompt": QUESTION, "max_tokens": "48", "temperature": "0"},
+        # the page's defaults: 32 tokens, greedy (typing into its slider from a test raced the click on Ask)
+        api = httpx.post(url + "/v1/generate", data={"prompt": QUESTION, "max_tokens": "32", "temperature": "0"},
                          files={"image": ("c.png", image.read_bytes(), "image/png")}, timeout=60).json()
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(60_000)
@@ -61,8 +62,6 @@ def test_upload_ask_stream_and_screenshot(browser, tiny_checkpoint, tmp_path):
         page.locator("#image input[type=file]").set_input_files(str(image))
         page.locator("#image img").first.wait_for()  # the upload is shown
         page.locator("#question textarea").fill(QUESTION)
-        page.get_by_text("Sampling").click()
-        page.get_by_label("Max tokens").first.fill("48")
         page.evaluate("""() => {  // every state the stats line goes through, as it streams
             window.seenStats = [];
             const stats = document.querySelector('#stats');
@@ -71,6 +70,12 @@ def test_upload_ask_stream_and_screenshot(browser, tiny_checkpoint, tmp_path):
         }""")
         page.locator("#ask").click()
         page.locator("#stats", has_text="finished:").wait_for()
+        # the final answer and the final stats line can render in different frames: give the answer a moment
+        try:
+            page.wait_for_function("([sel, want]) => document.querySelector(sel).value === want",
+                                   arg=["#answer textarea", api["text"]], timeout=10_000)
+        except Exception:  # noqa: BLE001 - the assertion below reports what the page shows
+            pass
         answer = page.locator("#answer textarea").input_value()
         stats = page.locator("#stats").inner_text()
         seen = page.evaluate("window.seenStats")
