@@ -48,7 +48,7 @@ def run_ours(pipe: Pipeline, prompts, max_tokens: list[int]) -> tuple[float, int
         for out in engine.step():
             tokens += len(out.delta_token_ids)
         stats = engine.stats()
-        allocated = stats.num_kv_blocks_used * engine.config.block_size
+        allocated = stats.num_kv_blocks_used * engine.runner.block_size
         if stats.num_running and allocated:
             waste.append(1 - stats.num_kv_slots_filled / allocated)
     return time.perf_counter() - start, tokens, float(np.mean(waste))

@@ -18,7 +18,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 elsewhere
     attention_backend: str = "auto"  # auto | torch | flash | triton
-    block_size: int = 16
+    block_size: int | None = None  # tokens per KV block; None: 256 with flash-attn (its paged-KV rule), else 16
     num_blocks: int | None = None  # KV pool size in blocks; overrides kv_cache_memory
     kv_cache_memory: float | None = None  # bytes (>1) or a fraction of free memory (0, 1]; None: 0.5 on CUDA, 1 GiB else
     max_num_seqs: int = 64
@@ -46,7 +46,9 @@ class EngineConfig:
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_blocks is not None and self.num_blocks < 1:

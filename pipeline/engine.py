@@ -60,7 +60,8 @@ class Engine:
         self.interleaver = Interleaver(self.tokenizer, self.patch_config, config.media_limits, config.video_sampling)
         self.runner = ModelRunner(config, partial(normalize_patches, cfg=self.patch_config))
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
+                                          config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
         self.eos_token_id = self.runner.args.eos_token_id

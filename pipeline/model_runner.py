@@ -66,13 +66,16 @@ class ModelRunner:
             keep_freed_memory()
         self.dtype = config.torch_dtype
         self.backend = get_backend(config.attention_backend, self.device)
+        self.block_size = config.block_size or (256 if self.backend.name == "flash" else 16)
+        if self.backend.name == "flash" and self.block_size % 256:
+            raise ValueError(f"the flash attention backend needs block_size a multiple of 256 (flash-attn's paged "
+                             f"KV rule), got {self.block_size}; leave block_size unset or pick another backend")
         self.model: FuyuModel = load_model(config.model, self.backend, self.device, self.dtype)
         self.args: ModelArgs = self.model.args
         self.max_model_len = min(config.max_model_len or self.args.max_position_embeddings,
                                  self.args.max_position_embeddings)
         self.patch_normalizer = patch_normalizer  # uint8 patches -> normalized float, as the processor does
         self.sampler = Sampler()
-        self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         use_graphs = (self.device.type == "cuda" and bool(config.cuda_graph_batch_sizes)
                       and self.backend.name in CAPTURABLE_BACKENDS)
