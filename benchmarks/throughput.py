@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from benchmarks.common import bench_checkpoint, hf_batch
-from encoders import normalize_patches
 from pipeline import Pipeline, SamplingParams
 
 WORDS = "what is in this picture describe the shape colour left right count how many objects".split()
@@ -54,19 +53,13 @@ def run_ours(pipe: Pipeline, prompts, max_tokens: list[int]) -> tuple[float, int
     return time.perf_counter() - start, tokens, float(np.mean(waste))
 
 
-def hf_inputs(pipe: Pipeline, prompt):
-    pixel_values = normalize_patches(prompt.patches, pipe.engine.patch_config)
-    return torch.tensor([prompt.token_ids]), pixel_values
-
-
 @torch.inference_mode()
 def run_hf_single(model, pipe, prompts, max_tokens) -> tuple[float, int]:
     start, tokens = time.perf_counter(), 0
     for prompt, n in zip(prompts, max_tokens):
-        ids, pixel_values = hf_inputs(pipe, prompt)
-        out = model.generate(input_ids=ids, pixel_values=pixel_values, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        tokens += out.shape[1] - ids.shape[1]
+        inputs = hf_batch(pipe, [prompt])
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        tokens += out.shape[1] - inputs["input_ids"].shape[1]
     return time.perf_counter() - start, tokens
 
 

@@ -22,14 +22,6 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Media:
-    """What the model runner needs of a prompt's media: where the image tokens are and their patch rows."""
-
-    image_positions: list[int]  # sorted indices of image-placeholder ids in the prompt
-    patches: torch.Tensor  # [len(image_positions), patch_dim] uint8
-
-
-@dataclass
 class _Progress:
     """Per-request output state the scheduler does not keep."""
 
@@ -84,13 +76,12 @@ class Engine:
         params = params or SamplingParams()
         if not prompt.token_ids:
             raise ValueError("the prompt is empty: give some text or media")
-        image_positions = list(prompt.image_positions)
-        if len(image_positions) != prompt.patches.shape[0]:
-            raise ValueError(f"prompt has {len(image_positions)} image tokens but {prompt.patches.shape[0]} "
+        if prompt.num_image_tokens != prompt.patches.shape[0]:
+            raise ValueError(f"prompt has {prompt.num_image_tokens} image tokens but {prompt.patches.shape[0]} "
                              "patch rows; build prompts with Engine.build_prompt")
         req = Request(request_id, list(prompt.token_ids), params,
                       media_spans=[(m.start, m.end, m.content_hash) for m in prompt.media],
-                      payload=_Media(image_positions, prompt.patches))
+                      payload=prompt)  # the model runner reads its image positions and patch rows
         reason = self.scheduler.reject_reason(req)
         if reason:
             raise ValueError(reason)
@@ -128,12 +119,12 @@ class Engine:
     @staticmethod
     def _chunk(req: Request, num_new: int) -> SeqChunk:
         start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
-        media: _Media = req.payload
-        lo = bisect.bisect_left(media.image_positions, start)
-        hi = bisect.bisect_left(media.image_positions, end)
-        offsets = [p - start for p in media.image_positions[lo:hi]]
+        prompt: Prompt = req.payload
+        lo = bisect.bisect_left(prompt.image_positions, start)
+        hi = bisect.bisect_left(prompt.image_positions, end)
+        offsets = [p - start for p in prompt.image_positions[lo:hi]]
         return SeqChunk(req.all_token_ids[start:end], start, req.block_ids,
-                        media.patches[lo:hi] if offsets else None, offsets)
+                        prompt.patches[lo:hi] if offsets else None, offsets)
 
     def _postprocess(self, scheduled: SchedulerOutput, sampled: SamplerOutput | None) -> list[RequestOutput]:
         if sampled is None:
