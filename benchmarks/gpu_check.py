@@ -1,12 +1,16 @@
 """GPU check for issue 7, on a random Fuyu of about 1B parameters (run by benchmarks/gpu_check.sh):
-greedy parity vs transformers, decode throughput at batch 1 / 16 / 64 vs transformers' generate, and
-the memory bandwidth a batch-1 decode step reaches as a fraction of the device's copy bandwidth.
+greedy parity vs transformers, CUDA-graph decode vs eager, decode throughput at batch 1 / 16 / 64 vs
+transformers' generate, and the memory bandwidth a batch-1 decode step reaches as a fraction of the device's
+copy bandwidth. Exits 1 after the whole run if fp32 greedy parity or the graph check failed.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
+import inspect
 import random
 import statistics
+import sys
 import tempfile
 import time
 
@@ -20,6 +24,7 @@ from pipeline.attention import resolve_backend_name
 from pipeline.model_runner import SeqChunk
 from samples.random_checkpoint import make_checkpoint
 
+FAILURES: list[str] = []
 ONE_B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, intermediate_size=8192,
              vocab_size=32000, patch_size=30, max_position_embeddings=4096)
 
@@ -43,6 +48,8 @@ def hf_generate(model, pipe, prompts, max_tokens: list[int]) -> list[list[int]]:
     """Static batch, left-padded; runs to the longest request; returns each request's own tokens."""
     batch = {k: v.cuda() for k, v in hf_batch(pipe, prompts).items()}
     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+    if "pixel_values" not in inspect.signature(model.forward).parameters:  # transformers before the rename
+        batch["image_patches"] = batch.pop("pixel_values")[None]  # one row holds every image's patches, in order
     width = batch["input_ids"].shape[1]
     out = model.generate(**batch, max_new_tokens=max(max_tokens),
                          min_new_tokens=max(max_tokens), do_sample=False, pad_token_id=0)
@@ -60,7 +67,40 @@ def parity(folder, hf_model, dtype: str, backend: str) -> None:
         same.append(next((i for i, (a, b) in enumerate(zip(out.token_ids, ref)) if a != b), 32))
     print(f"greedy parity {dtype} ({pipe.engine.runner.backend.name}): identical leading tokens per prompt {same} "
           f"of 32")
+    if dtype == "float32":
+        if min(same) < 32:
+            FAILURES.append(f"fp32 greedy parity {same}")
+        graph_check(pipe)
     del pipe
+
+
+def graph_check(pipe) -> None:
+    """Decode logits of 3 sequences through the graph of 4 (one padding row) vs eager, eager first: a padding row
+    writing into a real block would change them. The real blocks' K after both must agree too."""
+    runner = pipe.engine.runner
+    if runner.graphs is None:
+        FAILURES.append(f"no CUDA graphs captured (backend {runner.backend.name})")
+        print(FAILURES[-1])
+        return
+    lens = [40, 17, 90]
+    per_seq = -(-(max(lens) + 1) // runner.block_size)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(lens))]
+    used = len(lens) * per_seq
+    runner.forward([SeqChunk(list(range(3, 3 + n)), 0, t) for n, t in zip(lens, tables)])
+    decode = [SeqChunk([5 + i], n, t) for i, (n, t) in enumerate(zip(lens, tables))]
+    graphs, runner.graphs = runner.graphs, None
+    eager = runner.forward(decode)
+    k_eager = runner.k_pool[:, :used].clone()
+    runner.graphs = graphs
+    graphed = runner.forward(decode)
+    logit_diff = (graphed - eager).abs().max().item()
+    kv_diff = (runner.k_pool[:, :used] - k_eager).abs().max().item()
+    ok = logit_diff < 1e-3 and kv_diff < 1e-3
+    padded = graphs.batch_sizes[bisect.bisect_left(graphs.batch_sizes, len(lens))]
+    print(f"cuda graph decode ({len(lens)} rows in the graph of {padded}) vs eager: max |logit diff| "
+          f"{logit_diff:.2e}, max |K diff| in real blocks {kv_diff:.2e} {'ok' if ok else 'FAILED'}")
+    if not ok:
+        FAILURES.append("cuda graph decode vs eager")
 
 
 def throughput(folder, hf_model, backend: str) -> None:
@@ -102,7 +142,10 @@ def bandwidth(pipe) -> None:
     for _ in range(5):
         step()
     step_s = statistics.median(_sync_time(step) for _ in range(50))
-    weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    # a decode step reads every weight but the embedding tables (one row each; the patch projection not at all)
+    read = {id(p): p for name, p in runner.model.named_parameters(remove_duplicate=False)
+            if not name.startswith(("embed_tokens.", "vision_embed_tokens."))}
+    weights = sum(p.numel() * p.element_size() for p in read.values())
     kv = 2 * runner.args.num_layers * context * runner.args.hidden_size * runner.k_pool.element_size()
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -121,10 +164,13 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA device")
+    import transformers
+    import triton
     from transformers import FuyuForCausalLM
 
     backend = resolve_backend_name(args.backend, "cuda")
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, "backend", backend)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, "transformers",
+          transformers.__version__, "backend", backend)
     folder = make_checkpoint(tempfile.mkdtemp(prefix="fuyu-1b-"), seed=0, target_height=480, target_width=480,
                              dtype="bfloat16", device="cuda", **ONE_B)
     for dtype in ("float32", "bfloat16"):
@@ -134,6 +180,9 @@ def main() -> None:
             throughput(folder, hf_model, backend)
         del hf_model
         torch.cuda.empty_cache()
+    if FAILURES:
+        print("gpu_check FAILED:", "; ".join(FAILURES))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -85,12 +85,13 @@ class TritonBackend(AttentionBackend):
         return out
 
     def kv_splits(self, meta: AttentionMetadata, num_kv_heads: int) -> int:
-        """Decode splits from static sizes only: enough programs to fill the device, at most one per tile."""
+        """Decode splits from static sizes only: enough programs to fill the device, at most one per tile.
+        Rounded down to a power of two, so eager steps reuse the kernels compiled for the captured graphs."""
         max_tiles = triton.cdiv(meta.block_tables.shape[1] * meta.block_size, self.block_n)
         if self.num_kv_splits is not None:
             return min(self.num_kv_splits, max_tiles)
         wanted = triton.cdiv(2 * _num_sms(meta.seq_lens.device), meta.num_seqs * num_kv_heads)
-        return max(1, min(wanted, max_tiles, _MAX_KV_SPLITS))
+        return 1 << (max(1, min(wanted, max_tiles, _MAX_KV_SPLITS)).bit_length() - 1)
 
     def _decode(self, q, k_cache, v_cache, out, meta, qk_scale, shapes: _Shapes) -> None:
         num_splits = self.kv_splits(meta, shapes.num_kv_heads)
