@@ -5,6 +5,9 @@ comes before it). Times come from pts, so variable frame rate is handled. For ea
 decoder seeks back to the keyframe before t when that keyframe lies past the current position
 (from the container's index; without an index, when t is over 2 s ahead), so a long clip sampled
 sparsely decodes a few GOPs, not every frame. Display-matrix rotation is applied to the pixels.
+
+PyAV is imported on the first video, not with the package: text and image serving never load FFmpeg,
+and a machine without PyAV (the GPU check's bare image) can still import ``pipeline``.
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 
@@ -60,6 +62,8 @@ class DecodedVideo:
 
 
 def _open(src: MediaSource, limits: MediaLimits):
+    import av
+
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if not path.is_file():
@@ -89,7 +93,7 @@ def _duration_s(container, stream) -> float:
     if stream.duration is not None and stream.duration > 0:
         return float(stream.duration * stream.time_base)
     if container.duration is not None and container.duration > 0:
-        return container.duration / av.time_base
+        return container.duration / 1_000_000  # av.time_base: container durations are in microseconds
     last = 0.0  # no header duration (some webm/ts): demux the packets, no decoding
     for packet in container.demux(stream):
         if packet.pts is not None:
@@ -158,6 +162,8 @@ class _Sampler:
 def load_video(src: MediaSource, sampling: VideoSampling | None = None,
                limits: MediaLimits | None = None) -> DecodedVideo:
     """Decode the sampled frames of ``src`` (path, bytes or binary file object)."""
+    import av
+
     sampling, limits = sampling or VideoSampling(), limits or MediaLimits()
     container = _open(src, limits)
     try:
