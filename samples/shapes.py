@@ -8,6 +8,11 @@ Each ``Example`` is one question with its exact answer (lower case, one line):
     "How many shapes are there?"     one | two | three
     "Describe the image."            "a red circle, a blue square and a green triangle" (left to right)
     "Which way is the shape moving?" left | right | up | down                        (a video)
+
+Training also asks where the shape is ("Where is the shape?" -> "top left", and for a clip where it starts
+and ends): questions the issue does not list, which give the tiny model a direct signal for the skill that
+motion, counting and left-to-right order need and that the Fuyu architecture leaves it to learn, namely where
+a patch lies in its image (Fuyu has no 2-D position embedding, only 1-D RoPE over the token stream).
 """
 from __future__ import annotations
 
@@ -34,10 +39,18 @@ PROMPTS = {
     "motion": "Which way is the shape moving?",
 }
 TASKS = tuple(PROMPTS)
+WHERE_PROMPTS = {  # training only: the answer is "top left", "bottom right", ...
+    "where": "Where is the shape?",
+    "start": "Where does the shape start?",
+    "end": "Where does the shape end?",
+}
+ALL_PROMPTS = {**PROMPTS, **WHERE_PROMPTS}
+PLACES = ("top", "bottom", "left", "right")
+_WHERE_MARGIN = 0.1  # a centre within 10% of a midline is not asked about: its half would be a guess
 _SUPERSAMPLE = 2  # draw at 2x, then downsample: antialiased edges
 _COLOR_JITTER = 18
-_CLIP_SIZES = (48, 56, 64)  # even sides (yuv420p)
-SHADE = 36  # the light background is lit from the top left: red falls left to right, blue top to bottom
+_CLIP_SIZES = (32, 40, 48)  # even sides (yuv420p)
+SHADE = 48  # the light background is lit from the top left: red falls left to right, blue top to bottom
 
 
 @dataclass
@@ -139,6 +152,21 @@ class Example:
     video: bytes | None = None  # mp4
 
 
+@dataclass
+class Annotated:
+    """One still or clip with the answer to every question that applies to it (training asks them all)."""
+    answers: dict[str, str]  # task -> exact answer
+    image: Image.Image | None = None
+    video: bytes | None = None  # mp4
+
+
+def _where(cx: float, cy: float, width: int, height: int) -> str | None:
+    """"top left" ... "bottom right" for a centre, or None when it lies near a midline."""
+    if min(abs(cx / width - 0.5), abs(cy / height - 0.5)) < _WHERE_MARGIN:
+        return None
+    return f"{'top' if cy < height / 2 else 'bottom'} {'left' if cx < width / 2 else 'right'}"
+
+
 class SceneGenerator:
     """All randomness comes from one ``random.Random(seed)``: the same seed gives the same examples."""
 
@@ -172,12 +200,12 @@ class SceneGenerator:
 
     def _place(self, width: int, height: int, num_shapes: int) -> list[Shape] | None:
         short = min(width, height)
-        hi = {1: 0.55, 2: 0.42, 3: 0.34}[num_shapes]
+        lo, hi = {1: (0.3, 0.55), 2: (0.22, 0.42), 3: (0.22, 0.34)}[num_shapes]
         shapes: list[Shape] = []
         for _ in range(200):
             if len(shapes) == num_shapes:
                 return shapes
-            size = self.rng.uniform(0.22, hi) * short
+            size = self.rng.uniform(lo, hi) * short
             cx = self.rng.uniform(size / 2 + 2, width - size / 2 - 2)
             cy = self.rng.uniform(size / 2 + 2, height - size / 2 - 2)
             apart = all(abs(cx - s.cx) >= (size + s.size) / 2 + 2 or abs(cy - s.cy) >= (size + s.size) / 2 + 2
@@ -191,7 +219,7 @@ class SceneGenerator:
         """One shape crossing 50-90% of its free range along one axis, 4..16 frames at 4..12 fps."""
         width, height = self.rng.choice(_CLIP_SIZES), self.rng.choice(_CLIP_SIZES)
         direction = self.rng.choice(DIRECTIONS)
-        size = self.rng.uniform(0.2, 0.32) * min(width, height)
+        size = self.rng.uniform(0.25, 0.38) * min(width, height)
         along = width if direction in ("left", "right") else height
         distance = self.rng.uniform(0.5, 0.9) * (along - size - 4)
         start = self.rng.uniform(size / 2 + 2, along - size / 2 - 2 - distance)
@@ -201,6 +229,27 @@ class SceneGenerator:
         cx, cy = (start, across) if direction in ("left", "right") else (across, start)
         return Clip(width, height, self._background(), self._shape(size, cx, cy), direction, distance,
                     num_frames=self.rng.randint(4, 16), fps=self.rng.choice((4, 6, 8, 10, 12)), shade=SHADE)
+
+    def annotated_scene(self, num_shapes: int | None = None) -> Annotated:
+        scene = self.scene(num_shapes)
+        answers = {"count": COUNT_WORDS[len(scene.shapes) - 1], "describe": scene.description()}
+        if len(scene.shapes) == 1:
+            shape = scene.shapes[0]
+            answers.update(color=shape.color, shape=shape.kind)
+            if (where := _where(shape.cx, shape.cy, scene.width, scene.height)) is not None:
+                answers["where"] = where
+        return Annotated(answers, image=scene.render())
+
+    def annotated_clip(self, tasks=("motion", "color", "shape", "start", "end")) -> Annotated:
+        clip = self.clip()
+        answers = {"motion": clip.direction, "color": clip.shape.color, "shape": clip.shape.kind}
+        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[clip.direction]
+        ends = {"start": (clip.shape.cx, clip.shape.cy),
+                "end": (clip.shape.cx + dx * clip.distance, clip.shape.cy + dy * clip.distance)}
+        for task, (x, y) in ends.items():
+            if (where := _where(x, y, clip.width, clip.height)) is not None:
+                answers[task] = where
+        return Annotated({t: a for t, a in answers.items() if t in tasks}, video=clip.to_mp4())
 
     def example(self, task: str, video: bool = False) -> Example:
         """``video``: ask ``color`` / ``shape`` about a clip of one moving shape instead of a still."""

@@ -4,9 +4,7 @@ fresh shape scenes (a new seed) through Pipeline and over HTTP.
 Small samples get slack against the issue's targets (>= 95% color/shape, >= 90% count/motion; the full
 figures, 200 scenes per task, come from samples/evaluate_shapes.py and are in the README): 20 scenes per
 task must reach 17/20 (85%) for color/shape and 16/20 (80%) for count/motion, which a model at the target
-fails less than 2% of the time. The current model meets the color target only (measured 100% / 51% /
-78.5% / 23% for color / shape / count / motion); the other three are strict xfails, so a better model
-turns them into failures until the marks are removed.
+fails less than 2% of the time (the scenes are seeded, so a given model passes or fails every time).
 """
 from __future__ import annotations
 
@@ -20,12 +18,12 @@ import torch
 from pipeline import Pipeline
 from pipeline.config import BUNDLED_MODEL, EngineConfig
 from samples.evaluate_shapes import EVAL_SEED, evaluate, examples_for, request_for
-from samples.shapes import COLORS, SHAPES
+from samples.shapes import COLORS, PROMPTS, SHAPES
 from tokenization import Interleaver
 
 SMALL_N = 20
 MIN_CORRECT = {"color": 17, "shape": 17, "count": 16, "motion": 16}
-BELOW_TARGET = pytest.mark.xfail(strict=True, reason="the bundled model misses this target (see README)")
+HTTP_MIN_CORRECT = {"color": 9, "shape": 9, "count": 8, "motion": 8}  # of 10
 _THING = f"an? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
 DESCRIPTION = re.compile(f"^{_THING}((, {_THING})* and {_THING})?$")
 
@@ -60,9 +58,7 @@ def test_transformers_loads_it_and_agrees_with_pipeline(pipe):
         assert processor.decode(ref, skip_special_tokens=True).strip() == out.text
 
 
-@pytest.mark.parametrize("task", ["color", pytest.param("shape", marks=BELOW_TARGET),
-                                  pytest.param("count", marks=BELOW_TARGET),
-                                  pytest.param("motion", marks=BELOW_TARGET)])
+@pytest.mark.parametrize("task", ["color", "shape", "count", "motion"])
 def test_small_evaluation_through_pipeline(pipe, task):
     result = evaluate(pipe, SMALL_N, tasks=(task,))[task]
     assert result.num_stopped == result.num_total  # every answer ends with EOS
@@ -79,7 +75,8 @@ def test_describe_answers_are_well_formed(pipe):
 
 @pytest.mark.slow
 def test_small_evaluation_over_http(pipe):
-    """10 scenes per task over POST /v1/generate: the same answers as Pipeline, and color on target."""
+    """10 scenes per task over POST /v1/generate: the same answers as Pipeline, and each targeted task near
+    its target (at least 9/10 for color and shape, 8/10 for count and motion)."""
     from serve.app import create_app
     from tests.server_fixtures import running_server
 
@@ -101,20 +98,64 @@ def test_small_evaluation_over_http(pipe):
                 local = pipe(**request_for(ex), max_tokens=24, temperature=0.0)
                 assert (body["text"], body["finish_reason"]) == (local.text, "stop")
                 correct += body["text"].strip() == ex.answer
-            if task == "color":
-                assert correct >= 9, f"color: {correct}/10 over HTTP"
+            if task in HTTP_MIN_CORRECT:
+                assert correct >= HTTP_MIN_CORRECT[task], f"{task}: {correct}/10 over HTTP"
+
+
+def test_training_packs_questions_without_changing_their_loss():
+    """Training packs one medium with all its questions in a row, each question masked to see only the medium
+    and itself. Each question's loss must equal transformers' own loss for that question alone, built by
+    FuyuProcessor with the ordinary causal mask."""
+    from transformers import FuyuConfig, FuyuForCausalLM, FuyuImageProcessor, FuyuProcessor, PreTrainedTokenizerFast
+
+    from samples.random_checkpoint import IMAGE_TOKEN
+    from samples.shapes import SceneGenerator
+    from samples.train_shapes import TrainConfig, answer_loss, collate, make_interleaver, model_config_kwargs, \
+        patch_config
+
+    cfg = TrainConfig(hidden_size=32, num_layers=2, num_heads=2)
+    tok, interleaver = make_interleaver(cfg)
+    torch.manual_seed(0)
+    config = FuyuConfig(image_token_id=tok.token_to_id(IMAGE_TOKEN), **model_config_kwargs(cfg, tok.get_vocab_size()))
+    model = FuyuForCausalLM(config).eval()
+    gen = SceneGenerator(EVAL_SEED + 3)
+    items = [gen.annotated_scene(1), gen.annotated_scene(3)]
+    batch = collate(interleaver, items)
+    assert batch.question_tasks == ["count", "describe", "color", "shape", "count", "describe"]
+    with torch.no_grad():
+        _, per_task = answer_loss(model, collate(interleaver, items[:1]), patch_config(cfg))
+        _, both = answer_loss(model, batch, patch_config(cfg))
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    side, p = cfg.image_side, cfg.patch_size
+    processor = FuyuProcessor(FuyuImageProcessor(size={"height": side, "width": side},
+                                                 patch_size={"height": p, "width": p}), fast)
+    item = items[0]
+    for task, answer in item.answers.items():
+        inputs = processor(images=item.image, text=PROMPTS[task], return_tensors="pt",
+                           return_legacy_image_output=False)
+        answer_ids = torch.tensor([tok.encode(answer).ids + [tok.token_to_id("</s>")]])
+        n = inputs["input_ids"].shape[1]
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], answer_ids], 1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        labels = inputs["input_ids"].clone()
+        labels[:, :n] = -100
+        with torch.no_grad():
+            ref = model(**inputs, labels=labels).loss.item()
+        assert per_task[task] == pytest.approx(ref, abs=1e-5), task
+    assert both["color"] == pytest.approx(per_task["color"], abs=1e-5)  # another row beside it changes nothing
 
 
 def test_training_script_writes_a_checkpoint_transformers_reads(tmp_path):
-    """Two seeded steps at patch 8 / 64x64: transformers' processor tokenizes like our Interleaver, the config
-    carries the patch size, and a second run gives the same weights."""
+    """Two seeded steps at patch 8 / 64x64 (a still batch, then a clip batch): transformers' processor tokenizes
+    like our Interleaver, the config carries the patch size, and a second run gives the same weights."""
     from safetensors.torch import load_file
     from transformers import FuyuConfig, FuyuProcessor
 
     from samples.train_shapes import TrainConfig, train
 
     cfg = TrainConfig(steps=2, patch_size=8, image_side=64, image_batch_size=2, video_batch_size=1,
-                      hidden_size=32, num_layers=1, num_heads=2, warmup_steps=1)
+                      hidden_size=32, num_layers=1, num_heads=2, warmup_steps=1, stills_steps=0)
     for run in ("a", "b"):
         train(cfg, tmp_path / run)
     config = FuyuConfig.from_pretrained(tmp_path / "a")
