@@ -59,7 +59,13 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
-        self.cuda_graph_batch_sizes = tuple(sorted(set(self.cuda_graph_batch_sizes)))
+        sizes = tuple(self.cuda_graph_batch_sizes)
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+            raise ValueError(f"cuda_graph_batch_sizes must be positive integers, got {self.cuda_graph_batch_sizes!r}")
+        sizes = sorted(set(sizes))
+        # no graph larger than needed: the smallest size that holds max_num_seqs is the last one captured
+        enough = next((i for i, b in enumerate(sizes) if b >= self.max_num_seqs), len(sizes) - 1)
+        self.cuda_graph_batch_sizes = tuple(sizes[:enough + 1])
 
     @property
     def torch_dtype(self) -> torch.dtype:

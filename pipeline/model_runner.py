@@ -62,6 +62,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, patch_normalizer=None):
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # Triton launches on the current device
         if self.device.type == "cpu":
             keep_freed_memory()
         self.dtype = config.torch_dtype

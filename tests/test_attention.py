@@ -101,3 +101,29 @@ def test_missing_flash_attn_is_a_clear_error():
             get_backend("flash", "cpu")
     else:
         pytest.skip("flash-attn is installed here")
+
+
+def test_auto_falls_back_to_triton_when_flash_attn_does_not_import(monkeypatch, caplog):
+    """'auto' picked flash (installed) but its import fails, e.g. a wheel built for another torch: use triton."""
+    import pipeline.attention as attention
+
+    monkeypatch.setitem(attention.BACKENDS, "flash", ("pipeline.attention._no_such_module", "FlashBackend"))
+    monkeypatch.setattr(attention, "resolve_backend_name", lambda name, device: "flash" if name in (None, "auto")
+                        else name)
+    with caplog.at_level("WARNING", logger="pipeline.attention"):
+        backend = attention.get_backend("auto", "cpu")
+    assert backend.name == "triton" and "using triton" in caplog.text
+    with pytest.raises(ValueError, match="not available"):  # asked for by name: no silent substitute
+        attention.get_backend("flash", "cpu")
+
+
+def test_cuda_graph_batch_sizes_are_checked_and_trimmed(tiny_checkpoint):
+    from pipeline.config import EngineConfig
+
+    config = EngineConfig(model=str(tiny_checkpoint), max_num_seqs=12, cuda_graph_batch_sizes=(8, 1, 32, 16, 2, 4))
+    assert config.cuda_graph_batch_sizes == (1, 2, 4, 8, 16)  # 12 sequences pad up to 16; 32 is never used
+    assert EngineConfig(model=str(tiny_checkpoint), max_num_seqs=100, cuda_graph_batch_sizes=(1, 64)
+                        ).cuda_graph_batch_sizes == (1, 64)  # fewer than max_num_seqs: the rest run eagerly
+    for bad in ((0, 4), (2.5,), (True,)):
+        with pytest.raises(ValueError, match="cuda_graph_batch_sizes"):
+            EngineConfig(model=str(tiny_checkpoint), cuda_graph_batch_sizes=bad)

@@ -45,6 +45,9 @@ def get_backend(name: str | None, device: torch.device | str) -> AttentionBacken
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if name in (None, "auto") and resolved == "flash":  # installed but broken (e.g. built for another torch)
+            logger.warning("flash-attn is installed but does not import (%s); using triton", exc)
+            return get_backend("triton", device)
         raise ValueError(f"attention backend {resolved!r} is not available here: {exc}") from exc
     logger.info("attention backend: %s (asked: %s, device: %s)", resolved, name or "auto", device)
     return getattr(module, class_name)()
