@@ -252,7 +252,14 @@ class SceneGenerator:
         return Annotated({t: a for t, a in answers.items() if t in tasks}, video=clip.to_mp4())
 
     def example(self, task: str, video: bool = False) -> Example:
-        """``video``: ask ``color`` / ``shape`` about a clip of one moving shape instead of a still."""
+        """``video``: ask ``color`` / ``shape`` about a clip of one moving shape instead of a still. ``where``
+        (training only, no target) asks about a one-shape still whose centre is clear of the midlines."""
+        if task == "where":
+            while True:
+                scene = self.scene(1)
+                shape = scene.shapes[0]
+                if (where := _where(shape.cx, shape.cy, scene.width, scene.height)) is not None:
+                    return Example(task, WHERE_PROMPTS["where"], where, image=scene.render())
         if task not in PROMPTS:
             raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
         question = PROMPTS[task]
