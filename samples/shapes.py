@@ -31,6 +31,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("one", "two", "three")
 DIRECTIONS = ("left", "right", "up", "down")
+_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # image axes: y grows downwards
 PROMPTS = {
     "color": "What color is the shape?",
     "shape": "What shape is this?",
@@ -120,7 +121,7 @@ class Clip:
     shade: int = 0
 
     def frames(self) -> list[Image.Image]:
-        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[self.direction]
+        dx, dy = _STEP[self.direction]
         out = []
         for i in range(self.num_frames):
             t = self.distance * i / (self.num_frames - 1)
@@ -243,7 +244,7 @@ class SceneGenerator:
     def annotated_clip(self, tasks=("motion", "color", "shape", "start", "end")) -> Annotated:
         clip = self.clip()
         answers = {"motion": clip.direction, "color": clip.shape.color, "shape": clip.shape.kind}
-        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[clip.direction]
+        dx, dy = _STEP[clip.direction]
         ends = {"start": (clip.shape.cx, clip.shape.cy),
                 "end": (clip.shape.cx + dx * clip.distance, clip.shape.cy + dy * clip.distance)}
         for task, (x, y) in ends.items():
