@@ -65,6 +65,18 @@ def tiny_config_kwargs(**overrides) -> dict:
     return kwargs
 
 
+def make_processor(tok: Tokenizer, patch_size: int, target_height: int, target_width: int):
+    """transformers' FuyuProcessor over ``tok`` (from ``build_tokenizer``) and a FuyuImageProcessor that fits images
+    into ``target_height`` x ``target_width`` and cuts ``patch_size`` patches."""
+    from transformers import FuyuImageProcessor, FuyuProcessor, PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<unk>")
+    image_processor = FuyuImageProcessor(size={"height": target_height, "width": target_width},
+                                         patch_size={"height": patch_size, "width": patch_size})
+    return FuyuProcessor(image_processor=image_processor, tokenizer=fast)
+
+
 def make_checkpoint(out_dir: str | Path, *, seed: int = 0, target_height: int = 64, target_width: int = 64,
                     dtype: str = "float32", device: str = "cpu", **config_overrides) -> Path:
     """Write a random FuyuForCausalLM checkpoint with tokenizer and processor to ``out_dir``.
@@ -72,8 +84,7 @@ def make_checkpoint(out_dir: str | Path, *, seed: int = 0, target_height: int = 
     ``dtype`` / ``device``: where the random weights are made and how they are saved (a 1B-parameter model
     initialises in seconds on a GPU, minutes on a CPU)."""
     import torch
-    from transformers import FuyuConfig, FuyuForCausalLM, FuyuImageProcessor, FuyuProcessor
-    from transformers import PreTrainedTokenizerFast
+    from transformers import FuyuConfig, FuyuForCausalLM
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,11 +97,5 @@ def make_checkpoint(out_dir: str | Path, *, seed: int = 0, target_height: int = 
     with torch.device(device):
         model = FuyuForCausalLM(config).to(getattr(torch, dtype)).eval()
     model.save_pretrained(out_dir)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<unk>")
-    image_processor = FuyuImageProcessor(
-        size={"height": target_height, "width": target_width},
-        patch_size={"height": kwargs["patch_size"], "width": kwargs["patch_size"]},
-    )
-    FuyuProcessor(image_processor=image_processor, tokenizer=fast).save_pretrained(out_dir)
+    make_processor(tok, kwargs["patch_size"], target_height, target_width).save_pretrained(out_dir)
     return out_dir

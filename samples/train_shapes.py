@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders import PatchConfig, normalize_patches
-from samples.random_checkpoint import IMAGE_TOKEN, build_tokenizer, tiny_config_kwargs
+from samples.random_checkpoint import IMAGE_TOKEN, build_tokenizer, make_processor, tiny_config_kwargs
 from samples.shapes import (ALL_PROMPTS, COLORS, COUNT_WORDS, DIRECTIONS, PLACES, SHAPES, Annotated,
                             SceneGenerator)
 from tokenization import Interleaver, TextTokenizer
@@ -187,16 +187,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def save(model, tok, out_dir: Path, patches: PatchConfig) -> None:
-    from transformers import FuyuImageProcessor, FuyuProcessor, PreTrainedTokenizerFast
-
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<unk>")
-    p = patches.patch_size
-    image_processor = FuyuImageProcessor(size={"height": patches.target_height, "width": patches.target_width},
-                                         patch_size={"height": p, "width": p})
-    FuyuProcessor(image_processor=image_processor, tokenizer=fast).save_pretrained(out_dir)
+    make_processor(tok, patches.patch_size, patches.target_height, patches.target_width).save_pretrained(out_dir)
 
 
 def train(cfg: TrainConfig, out_dir: Path) -> None:

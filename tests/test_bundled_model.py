@@ -106,9 +106,9 @@ def test_training_packs_questions_without_changing_their_loss():
     """Training packs one medium with all its questions in a row, each question masked to see only the medium
     and itself. Each question's loss must equal transformers' own loss for that question alone, built by
     FuyuProcessor with the ordinary causal mask."""
-    from transformers import FuyuConfig, FuyuForCausalLM, FuyuImageProcessor, FuyuProcessor, PreTrainedTokenizerFast
+    from transformers import FuyuConfig, FuyuForCausalLM
 
-    from samples.random_checkpoint import IMAGE_TOKEN
+    from samples.random_checkpoint import IMAGE_TOKEN, make_processor
     from samples.shapes import SceneGenerator
     from samples.train_shapes import TrainConfig, answer_loss, collate, make_interleaver, model_config_kwargs, \
         patch_config
@@ -126,10 +126,7 @@ def test_training_packs_questions_without_changing_their_loss():
         _, per_task = answer_loss(model, collate(interleaver, items[:1]), patch_config(cfg))
         _, both = answer_loss(model, batch, patch_config(cfg))
 
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    side, p = cfg.image_side, cfg.patch_size
-    processor = FuyuProcessor(FuyuImageProcessor(size={"height": side, "width": side},
-                                                 patch_size={"height": p, "width": p}), fast)
+    processor = make_processor(tok, cfg.patch_size, cfg.image_side, cfg.image_side)
     item = items[0]
     for task, answer in item.answers.items():
         inputs = processor(images=item.image, text=PROMPTS[task], return_tensors="pt",
