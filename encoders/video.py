@@ -93,7 +93,9 @@ def _duration_s(container, stream) -> float:
     if stream.duration is not None and stream.duration > 0:
         return float(stream.duration * stream.time_base)
     if container.duration is not None and container.duration > 0:
-        return container.duration / 1_000_000  # av.time_base: container durations are in microseconds
+        import av  # loaded already by _open
+
+        return container.duration / av.time_base
     last = 0.0  # no header duration (some webm/ts): demux the packets, no decoding
     for packet in container.demux(stream):
         if packet.pts is not None:

@@ -9,6 +9,7 @@ No Python loop over sequences.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,11 +60,10 @@ def _split_by_length(seqs: list[int], length: list[int]) -> list[list[int]]:
     """Sequences sorted by length -> runs of at least _MIN_GROUP; a new run starts when the next sequence is
     longer than the current run's shortest (at most _MAX_GROUPS runs): equal lengths stay in one run."""
     parts: list[list[int]] = []
-    for i in seqs:
+    for placed, i in enumerate(seqs):
         current = parts[-1] if parts else None
         if (current is None or (len(current) >= _MIN_GROUP and len(parts) < _MAX_GROUPS
-                                and length[i] > length[current[0]]
-                                and len(seqs) - sum(map(len, parts)) >= _MIN_GROUP)):
+                                and length[i] > length[current[0]] and len(seqs) - placed >= _MIN_GROUP)):
             parts.append([i])
         else:
             current.append(i)
@@ -79,9 +79,7 @@ class TorchBackend(AttentionBackend):
         self._workspace: dict[str, torch.Tensor] = {}
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         buf = self._workspace.get(name)
         if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
             buf = self._workspace[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
