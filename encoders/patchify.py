@@ -121,6 +121,13 @@ class Patches:
         return self.rows * (self.cols + 1)  # a newline id after each row
 
 
+def resize(image_u8: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [height, width, 3], the reference's bilinear antialiased resize."""
+    chw = torch.from_numpy(np.ascontiguousarray(image_u8.transpose(2, 0, 1)))[None]  # [1, 3, H, W] as the reference
+    resized = tvF.resize(chw, [height, width], interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)
+    return resized[0].permute(1, 2, 0).numpy()  # [height, width, 3]
+
+
 def patchify(image_u8: torch.Tensor | np.ndarray, cfg: PatchConfig) -> Patches:
     """uint8 [H, W, 3] (tensor or array) -> uint8 patches [rows*cols, p*p*3] in the reference's order."""
     assert image_u8.dtype in (torch.uint8, np.uint8) and image_u8.ndim == 3 and image_u8.shape[2] == 3
@@ -131,9 +138,7 @@ def patchify(image_u8: torch.Tensor | np.ndarray, cfg: PatchConfig) -> Patches:
     # numpy where possible: single-threaded copies, no intra-op thread pool wake-ups for small images
     image = image_u8.cpu().numpy() if isinstance(image_u8, torch.Tensor) else image_u8
     if (h, w) != (height, width):
-        chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]  # [1, 3, H, W] as the reference
-        resized = tvF.resize(chw, [h, w], interpolation=tvF.InterpolationMode.BILINEAR, antialias=True)
-        image = resized[0].permute(1, 2, 0).numpy()  # [h, w, 3]
+        image = resize(image, h, w)
     if (rows * p, cols * p) != (h, w):
         canvas = np.full((rows * p, cols * p, 3), cfg.padding_u8, dtype=np.uint8)
         canvas[:h, :w] = image

@@ -1,7 +1,11 @@
 """encoders/video.py on clips encoded here with PyAV; each frame carries its index as 8 black/white blocks."""
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import threading
+import time
 from fractions import Fraction
 
 import av
@@ -140,3 +144,113 @@ def test_limits():
         load_video(clip, limits=MediaLimits(max_video_frames=4))
     with pytest.raises(ValueError, match="num_frames"):
         VideoSampling(num_frames=0)
+
+
+@pytest.fixture
+def server_dir(tmp_path, monkeypatch):
+    """A working directory holding a real clip, an HLS segment and a FIFO that the upload names."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip.mp4").write_bytes(make_clip(seconds=1.0))
+    (tmp_path / "seg.ts").write_bytes(make_clip(fmt="mpegts", seconds=1.0))
+    os.mkfifo(tmp_path / "fifo.mp4")
+    return tmp_path
+
+
+@contextlib.contextmanager
+def _watch_fifo(path):
+    """Yields a list that gets True if anyone opens ``path`` for reading; the writer closes at once (EOF)."""
+    opened, stop = [], threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no reader has it open
+            except OSError:
+                time.sleep(0.001)
+                continue
+            opened.append(True)
+            os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield opened
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _playlist(segment: str) -> bytes:
+    return f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1.0,\n{segment}\n#EXT-X-ENDLIST\n".encode()
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "{dir}/clip.mp4", "fifo.mp4", "{dir}/fifo.mp4"])
+def test_ffconcat_upload_reads_no_server_file(server_dir, name):
+    upload = f"ffconcat version 1.0\nfile {name.format(dir=server_dir)}\n".encode()
+    with _watch_fifo(server_dir / "fifo.mp4") as opened:
+        for src in (upload, io.BytesIO(upload)):
+            with pytest.raises(MediaError, match="not a readable video"):
+                load_video(src)
+        (server_dir / "list.ffconcat").write_bytes(upload)
+        with pytest.raises(MediaError, match="not a readable video"):
+            load_video(server_dir / "list.ffconcat")
+    assert not opened
+
+
+@pytest.mark.parametrize("segment", ["seg.ts", "{dir}/seg.ts", "file:{dir}/seg.ts", "fifo.mp4"])
+def test_hls_playlist_reads_no_server_file(server_dir, segment):
+    playlist = _playlist(segment.format(dir=server_dir))
+    (server_dir / "up.m3u8").write_bytes(playlist)  # a path with the .m3u8 name FFmpeg's HLS probe wants
+    with _watch_fifo(server_dir / "fifo.mp4") as opened:
+        for src in (playlist, server_dir / "up.m3u8", "up.m3u8"):
+            with pytest.raises(MediaError, match="not a readable video"):
+                load_video(src)
+    assert not opened
+
+
+def test_concat_url_is_not_a_protocol(server_dir):
+    for src in ("concat:clip.mp4|clip.mp4", b"concat:clip.mp4|clip.mp4", f"concat:{server_dir}/clip.mp4"):
+        with pytest.raises(MediaError):
+            load_video(src)
+    assert load_video("clip.mp4").frames.shape[0] == 8  # the same file given as a path is fine
+
+
+def test_frames_resized_as_decoded_equal_the_picture_resized_by_patchify():
+    from encoders import PatchConfig, patchify
+
+    cfg = PatchConfig(target_height=24, target_width=40, patch_size=8)  # 64x128 -> 20x40
+    clip = make_clip(seconds=1.0)
+    full = load_video(clip, VideoSampling(num_frames=4))
+    small = load_video(clip, VideoSampling(num_frames=4), frame_size=cfg.resized_size)
+    assert small.frames.shape == (4, 20, 40, 3) and small.timestamps_s == full.timestamps_s
+    for big, resized in zip(full.frames, small.frames):
+        assert torch.equal(patchify(big, cfg).data, patchify(resized, cfg).data)  # the frame as an image
+    same = load_video(clip, VideoSampling(num_frames=4), frame_size=PatchConfig(64, 128, 8).resized_size)
+    assert torch.equal(same.frames, full.frames)  # already small: untouched
+
+
+def test_frame_size_sees_the_rotated_frame():
+    sizes = []
+    video = load_video(make_clip(rotation=90, seconds=0.5), VideoSampling(num_frames=2),
+                       frame_size=lambda h, w: sizes.append((h, w)) or (h // 2, w // 2))
+    assert sizes[0] == (W, H) and video.frames.shape == (2, W // 2, H // 2, 3)
+
+
+def _num_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_decoder_threads_budget():
+    clip = make_clip(seconds=1.0)
+    for n in (1, 3):
+        before, during = _num_threads(), []
+        load_video(clip, VideoSampling(decoder_threads=n),
+                   frame_size=lambda h, w: during.append(_num_threads()) or (h, w))
+        if n == 1:
+            assert max(during) == before  # neither the decoder nor swscale starts a thread
+        else:
+            assert max(during) >= before + n - 1
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="decoder_threads"):
+            VideoSampling(decoder_threads=bad)

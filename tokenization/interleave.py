@@ -1,14 +1,18 @@
-"""Text with ``<image>`` / ``<video>`` markers + media -> one Fuyu token stream (a ``Prompt``).
+"""A prompt (text with ``<image>`` / ``<video>`` markers, or segments) + media -> one Fuyu token stream.
 
 Layout (Fuyu's: media, ``<s>``, text, ``<0x04>``):
-- With no marker, all images then all videos come first, then ``<s>``, then ``encode(text + "<0x04>")``:
-  for one image exactly the ids ``FuyuProcessor`` gives.
-- With markers, each item goes where its marker is, in order. Markers before any text form the
-  leading media run (then ``<s>``, then the text with its leading whitespace stripped, so
-  ``"<image>\\nWhat is it?"`` == no marker + ``"What is it?"``); later markers split the text, each text
-  piece is encoded on its own and the last one carries ``<0x04>``.
+- A prompt is a sequence of segments: text (``str``, never parsed for markers) and a ``MediaSlot``
+  per media item, in order (the OpenAI API builds these from content parts). A plain ``str`` prompt
+  is cut into segments at its ``<image>`` / ``<video>`` markers; with no marker, all images then all
+  videos come first and the text is kept as is: for one image exactly the ids ``FuyuProcessor`` gives.
+- Slots before any text form the leading media run (then ``<s>``, then the text with its leading
+  whitespace stripped, so ``"<image>\\nWhat is it?"`` == no marker + ``"What is it?"``); later slots
+  split the text, each text piece is encoded on its own and the last one carries ``<0x04>``.
 - An image is ``rows`` x (``cols`` image ids + one newline id). A video is its sampled frames in
-  order, each preceded by its timestamp as text, ``<t=1.5s>`` (one decimal, seconds from the start).
+  order, each preceded by its timestamp as text, ``<t=1.5s>`` (one decimal, seconds from the start);
+  frames are resized to the patch grid's size as they are decoded.
+- With ``max_prompt_tokens``, the text is counted first, then each item as it comes (a video from its
+  header, before any frame is decoded): a prompt over the limit is a ``ValueError`` as soon as known.
 - ``MediaSpan.content_hash`` is SHA-256 over the item's uint8 patches, grids (and timestamps): the
   pixels the model sees, so one picture as a path, bytes or PNG/PIL hashes the same and two pictures
   never share a prefix-cache entry.
@@ -18,20 +22,37 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from encoders import (DecodedVideo, MediaLimits, PatchConfig, Patches, VideoSampling, decode_array, load_video,
+from encoders import (DecodedVideo, MediaLimits, PatchConfig, Patches, VideoReader, VideoSampling, decode_array,
                       patchify)
 from tokenization.text import BOA_TOKEN, IMAGE_TOKEN, NEWLINE_TOKEN, TextTokenizer
 
 IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
 _MARKERS = re.compile(f"({IMAGE_MARKER}|{VIDEO_MARKER})")
+_KINDS = {IMAGE_MARKER: "image", VIDEO_MARKER: "video"}
 _SINGLE = (str, bytes, bytearray, Path, Image.Image, np.ndarray, torch.Tensor, DecodedVideo)
+
+
+@dataclass(frozen=True)
+class MediaSlot:
+    """Where the next image or video goes in a segmented prompt."""
+
+    kind: str  # "image" | "video"
+
+    def __post_init__(self):
+        if self.kind not in ("image", "video"):
+            raise ValueError(f"MediaSlot.kind must be 'image' or 'video', got {self.kind!r}")
+
+
+Segment = Union[str, MediaSlot]
 
 
 @dataclass
@@ -76,28 +97,74 @@ def _hash(kind: str, grids: list[Patches], extra: str = "") -> str:
     return h.hexdigest()
 
 
+def to_segments(prompt: str | Sequence[Segment], num_images: int, num_videos: int) -> tuple[list[Segment], bool]:
+    """(segments without empty text, whether media were placed explicitly)."""
+    if isinstance(prompt, str):
+        pieces = _MARKERS.split(prompt)  # text, marker, text, ..., text
+        if len(pieces) == 1:
+            return [MediaSlot("image")] * num_images + [MediaSlot("video")] * num_videos + [prompt], False
+        segments = [MediaSlot(_KINDS[p]) if i % 2 else p for i, p in enumerate(pieces) if p]
+        what = {"image": f"{IMAGE_MARKER} marker", "video": f"{VIDEO_MARKER} marker"}
+    else:
+        bad = [s for s in prompt if not isinstance(s, (str, MediaSlot))]
+        if bad:
+            raise ValueError(f"a prompt is text or a sequence of str and MediaSlot segments, "
+                             f"got a {type(bad[0]).__name__}")
+        segments = [s for s in prompt if s != ""]
+        what = {"image": "image slot", "video": "video slot"}
+    for kind, count in (("image", num_images), ("video", num_videos)):
+        num_slots = sum(isinstance(s, MediaSlot) and s.kind == kind for s in segments)
+        if num_slots != count:
+            raise ValueError(f"the prompt has {num_slots} {what[kind]}(s) but {count} {kind}(s) were given; "
+                             f"use one {what[kind]} per {kind}" + (", or no markers at all" if isinstance(prompt, str)
+                                                                    else ""))
+    return segments or [""], any(isinstance(s, MediaSlot) for s in segments)
+
+
 class Interleaver:
     """Thread-safe: no state changes after construction (the tokenizer is reentrant)."""
 
     def __init__(self, tokenizer: TextTokenizer, patch_config: PatchConfig, limits: MediaLimits | None = None,
-                 video_sampling: VideoSampling | None = None):
+                 video_sampling: VideoSampling | None = None, max_prompt_tokens: int | None = None):
+        if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or
+                                              not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+            raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
         self.tokenizer, self.patch_config = tokenizer, patch_config
         self.limits = limits or MediaLimits()
         self.video_sampling = video_sampling or VideoSampling()
+        self.max_prompt_tokens = max_prompt_tokens
 
     @classmethod
     def from_pretrained(cls, folder, **kw) -> Interleaver:
         return cls(TextTokenizer.from_pretrained(folder), PatchConfig.from_pretrained(folder), **kw)
 
+    def _check_len(self, num_tokens: int) -> None:
+        if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
+            raise ValueError(f"the prompt would be at least {num_tokens} tokens; the model's context "
+                             f"(max_model_len) is {self.max_prompt_tokens}: shorten the text or send fewer or "
+                             "smaller images/videos")
+
     def _image_ids(self, p: Patches) -> list[int]:
         return ([self.tokenizer.image_token_id] * p.cols + [self.tokenizer.newline_token_id]) * p.rows
+
+    def _frame_tokens(self, height: int, width: int) -> int:
+        rows, cols = self.patch_config.grid(height, width)
+        return rows * (cols + 1)
 
     def image_item(self, src) -> _Item:
         p = patchify(decode_array(src, self.limits), self.patch_config)
         return _Item("image", self._image_ids(p), [p.data], _hash("image", [p]))
 
-    def video_item(self, src) -> _Item:
-        video = src if isinstance(src, DecodedVideo) else load_video(src, self.video_sampling, self.limits)
+    def video_item(self, src, num_tokens_before: int = 0) -> _Item:
+        """A video's tokens; with a limit, checked from its header (both orientations) before decoding."""
+        if isinstance(src, DecodedVideo):
+            video = src
+        else:
+            with VideoReader(src, self.video_sampling, self.limits) as reader:
+                h, w = reader.height, reader.width
+                per_frame = 1 + min(self._frame_tokens(h, w), self._frame_tokens(w, h))  # >= 1 timestamp id
+                self._check_len(num_tokens_before + reader.num_frames * per_frame)
+                video = reader.decode(frame_size=self.patch_config.resized_size)
         ids, grids = [], []
         for frame, t in zip(video.frames, video.timestamps_s):
             p = patchify(frame, self.patch_config)
@@ -106,45 +173,45 @@ class Interleaver:
         stamps = ",".join(f"{t:.6f}" for t in video.timestamps_s)
         return _Item("video", ids, [p.data for p in grids], _hash("video", grids, stamps))
 
-    def _pieces(self, text: str, num_images: int, num_videos: int) -> tuple[list[str], bool]:
-        pieces = _MARKERS.split(text)  # text, marker, text, ..., text
-        markers = pieces[1::2]
-        if not markers:
-            return [IMAGE_MARKER] * num_images + [VIDEO_MARKER] * num_videos + [text], False
-        for marker, count, kind in ((IMAGE_MARKER, num_images, "image"), (VIDEO_MARKER, num_videos, "video")):
-            if markers.count(marker) != count:
-                raise ValueError(f"the prompt has {markers.count(marker)} {marker} marker(s) but {count} {kind}(s) "
-                                 f"were given; use one marker per {kind}, or no markers at all")
-        return [p for p in pieces if p], True
-
-    def build(self, text: str, images=(), videos=()) -> Prompt:
+    def build(self, prompt: str | Sequence[Segment], images=(), videos=()) -> Prompt:
         """Decode, patchify and interleave; media are paths, bytes, file objects, PIL images, arrays, tensors."""
-        if IMAGE_TOKEN in text or NEWLINE_TOKEN in text:
+        images, videos = _as_list(images), _as_list(videos)
+        segments, marked = to_segments(prompt, len(images), len(videos))
+        if any(isinstance(s, str) and (IMAGE_TOKEN in s or NEWLINE_TOKEN in s) for s in segments):
             raise ValueError(f"the prompt text must not contain {IMAGE_TOKEN} or {NEWLINE_TOKEN}; "
                              "mark media with <image> / <video>")
-        images, videos = _as_list(images), _as_list(videos)
-        pieces, marked = self._pieces(text, len(images), len(videos))
-        queues = {IMAGE_MARKER: iter(images), VIDEO_MARKER: iter(videos)}
         tok = self.tokenizer
+        parts: list[list[int] | MediaSlot] = []  # text first: it bounds the prompt before any media is decoded
+        leading, last = True, len(segments) - 1
+        for i, seg in enumerate(segments):
+            if isinstance(seg, MediaSlot):
+                parts.append(seg)
+                continue
+            ids = []
+            if leading:
+                ids.append(tok.bos_token_id)
+                seg = seg.lstrip() if marked else seg
+                leading = False
+            parts.append(ids + (tok.encode(seg + BOA_TOKEN) if i == last else tok.encode(seg)))
+        if isinstance(segments[last], MediaSlot):  # the prompt ends with media
+            parts.append(([tok.bos_token_id] if leading else []) + [tok.boa_token_id])
+        num_tokens = sum(len(p) for p in parts if isinstance(p, list))
+        self._check_len(num_tokens)
+        queues = {"image": iter(images), "video": iter(videos)}
         ids: list[int] = []
         patches: list[torch.Tensor] = []
         spans: list[MediaSpan] = []
-        leading, last = True, len(pieces) - 1
-        for i, piece in enumerate(pieces):
-            if piece in queues:
-                src = next(queues[piece])
-                item = self.image_item(src) if piece == IMAGE_MARKER else self.video_item(src)
-                spans.append(MediaSpan(len(ids), len(ids) + len(item.token_ids), item.content_hash, item.kind))
-                ids += item.token_ids
-                patches += item.patches
+        for part in parts:
+            if isinstance(part, list):
+                ids += part
                 continue
-            if leading:
-                ids.append(tok.bos_token_id)
-                piece = piece.lstrip() if marked else piece
-                leading = False
-            ids += tok.encode(piece + BOA_TOKEN) if i == last else tok.encode(piece)
-        if pieces[last] in queues:  # the prompt ends with a marker
-            ids += ([tok.bos_token_id] if leading else []) + [tok.boa_token_id]
+            src = next(queues[part.kind])
+            item = self.image_item(src) if part.kind == "image" else self.video_item(src, num_tokens)
+            num_tokens += len(item.token_ids)
+            self._check_len(num_tokens)
+            spans.append(MediaSpan(len(ids), len(ids) + len(item.token_ids), item.content_hash, item.kind))
+            ids += item.token_ids
+            patches += item.patches
         positions = [i for i, t in enumerate(ids) if t == tok.image_token_id]
         if len(patches) == 1:
             data = patches[0]
