@@ -43,5 +43,5 @@ def hf_batch(pipe, prompts) -> dict:
     for row, p in enumerate(prompts):
         ids[row, width - len(p.token_ids):] = torch.tensor(p.token_ids)
         mask[row, width - len(p.token_ids):] = 1
-    pixel_values = torch.cat([normalize_patches(p.patches, pipe.engine.patch_config) for p in prompts])
+    pixel_values = torch.cat([normalize_patches(p.patches, pipe.engine.front_end.patch_config) for p in prompts])
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}

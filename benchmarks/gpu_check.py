@@ -90,11 +90,11 @@ def graph_check(pipe) -> None:
     decode = [SeqChunk([5 + i], n, t) for i, (n, t) in enumerate(zip(lens, tables))]
     graphs, runner.graphs = runner.graphs, None
     eager = runner.forward(decode)
-    k_eager = runner.k_pool[:, :used].clone()
+    k_eager = torch.stack([k[:used] for k in runner.k_caches])
     runner.graphs = graphs
     graphed = runner.forward(decode)
     logit_diff = (graphed - eager).abs().max().item()
-    kv_diff = (runner.k_pool[:, :used] - k_eager).abs().max().item()
+    kv_diff = (torch.stack([k[:used] for k in runner.k_caches]) - k_eager).abs().max().item()
     ok = logit_diff < 1e-3 and kv_diff < 1e-3
     padded = graphs.batch_sizes[bisect.bisect_left(graphs.batch_sizes, len(lens))]
     print(f"cuda graph decode ({len(lens)} rows in the graph of {padded}) vs eager: max |logit diff| "
@@ -146,7 +146,7 @@ def bandwidth(pipe) -> None:
     read = {id(p): p for name, p in runner.model.named_parameters(remove_duplicate=False)
             if not name.startswith(("embed_tokens.", "vision_embed_tokens."))}
     weights = sum(p.numel() * p.element_size() for p in read.values())
-    kv = 2 * runner.args.num_layers * context * runner.args.hidden_size * runner.k_pool.element_size()
+    kv = context * runner.bytes_per_block // runner.block_size
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     y.copy_(x)

@@ -27,7 +27,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # CUDA only; () disables
-    seed: int = 0
+    seed: int = 0  # the engine's own generator, for requests without a seed (the process's RNG is left alone)
+    keep_freed_memory: bool = False  # CPU: glibc keeps freed memory in its heap (mallopt: the whole process)
     media_limits: MediaLimits = field(default_factory=MediaLimits)
     video_sampling: VideoSampling = field(default_factory=VideoSampling)  # default frames per video
 

@@ -14,17 +14,17 @@ import logging
 
 import torch
 
-from pipeline.attention import AttentionBackend, AttentionMetadata, forward_context
-from pipeline.model import FuyuModel
+from pipeline.attention import AttentionMetadata, StepContext
+from pipeline.models import CausalLM
 
 logger = logging.getLogger(__name__)
 CAPTURABLE_BACKENDS = ("flash", "triton")
 
 
 class DecodeGraphs:
-    def __init__(self, model: FuyuModel, backend: AttentionBackend, batch_sizes: tuple[int, ...],
+    def __init__(self, model: CausalLM, ctx: StepContext, batch_sizes: tuple[int, ...],
                  block_size: int, max_model_len: int, scratch_block: int, device: torch.device):
-        self.model, self.backend = model, backend
+        self.model, self.ctx = model, ctx
         self.batch_sizes = sorted(batch_sizes)
         self.block_size, self.scratch_block = block_size, scratch_block
         max_bs = self.batch_sizes[-1]
@@ -46,7 +46,7 @@ class DecodeGraphs:
             max_seq_len=self.block_tables.shape[1] * self.block_size, block_size=self.block_size)
 
     def _forward(self, bs: int) -> torch.Tensor:
-        with forward_context(self._meta(bs), self.backend):
+        with self.ctx.step(self._meta(bs)):
             hidden = self.model(self.input_ids[:bs], self.positions[:bs])
         return self.model.compute_logits(hidden)
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.attention import AttentionMetadata, forward_context, get_backend
+from pipeline.attention import AttentionMetadata, StepContext, get_backend
 from pipeline.config import EngineConfig
 from pipeline.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
-from pipeline.model import FuyuModel, ModelArgs, load_model
-from pipeline.sampling import Sampler
+from pipeline.models import CausalLM, StepMedia, get_family
+from pipeline.sampling import Sampler, SamplerOutput
 
 logger = logging.getLogger(__name__)
 _DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -26,8 +26,11 @@ class SeqChunk:
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
-    patches: torch.Tensor | None = None  # [P, patch_dim] rows for the image tokens below, in order
-    image_offsets: list[int] = field(default_factory=list)  # indices into token_ids of those image tokens
+    patches: torch.Tensor | None = None  # [P, row_dim] media rows for the placeholder tokens below, in order
+    image_offsets: list[int] = field(default_factory=list)  # indices into token_ids of those placeholder tokens
+    row_position_ids: torch.Tensor | None = None  # [P, 2] the rows' 2-D positions, for families that use them
+    runs: list[tuple[int, int]] = field(default_factory=list)  # bidirectional media runs [start, end) in it
+    needs_logits: bool = True  # False for a prefill chunk that does not end the prompt: nothing is sampled
 
     @property
     def seq_len(self) -> int:
@@ -38,9 +41,8 @@ class SeqChunk:
 class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    patches: torch.Tensor | None  # [P, patch_dim]
-    image_indices: torch.Tensor | None  # [P]
-    logits_indices: torch.Tensor  # [B]: last token of each sequence
+    media: StepMedia | None
+    logits_indices: torch.Tensor  # [N]: last token of each sequence that samples
     meta: AttentionMetadata
 
 
@@ -59,12 +61,12 @@ def keep_freed_memory() -> None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, patch_normalizer=None):
+    def __init__(self, config: EngineConfig):
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton launches on the current device
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and config.keep_freed_memory:
             keep_freed_memory()
         self.dtype = config.torch_dtype
         self.backend = get_backend(config.attention_backend, self.device)
@@ -72,33 +74,41 @@ class ModelRunner:
         if self.backend.name == "flash" and self.block_size % 256:
             raise ValueError(f"the flash attention backend needs block_size a multiple of 256 (flash-attn's paged "
                              f"KV rule), got {self.block_size}; leave block_size unset or pick another backend")
-        self.model: FuyuModel = load_model(config.model, self.backend, self.device, self.dtype)
-        self.args: ModelArgs = self.model.args
-        self.max_model_len = min(config.max_model_len or self.args.max_position_embeddings,
-                                 self.args.max_position_embeddings)
-        self.patch_normalizer = patch_normalizer  # uint8 patches -> normalized float, as the processor does
-        self.sampler = Sampler()
+        self.ctx = StepContext(self.backend)  # this runner's step: never shared with another engine
+        self.model: CausalLM = get_family(config.model).load_model(config.model, self.ctx, self.device, self.dtype)
+        self.args = getattr(self.model, "args", None)
+        self.layers = self.model.attention_layers()
+        self.max_model_len = min(config.max_model_len or self.model.max_position_embeddings,
+                                 self.model.max_position_embeddings)
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))
         self.num_blocks = self._num_kv_blocks()
         use_graphs = (self.device.type == "cuda" and bool(config.cuda_graph_batch_sizes)
                       and self.backend.name in CAPTURABLE_BACKENDS)
-        # with CUDA graphs, one scratch block past the usable ones takes the padding rows' K/V
-        shape = (self.args.num_layers, self.num_blocks + use_graphs, self.block_size, self.args.num_kv_heads,
-                 self.args.head_dim)
-        self.k_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = self.k_pool[i], self.v_pool[i]
+        # per layer [num_blocks (+1), block_size, Hkv, D] under one block table; with CUDA graphs one scratch
+        # block past the usable ones takes the padding rows' K/V; a KV-sharing layer binds its source's
+        self.k_caches: list[torch.Tensor] = []
+        self.v_caches: list[torch.Tensor] = []
+        for layer in self.layers:
+            if layer.kv_source is None:
+                shape = (self.num_blocks + use_graphs, self.block_size, layer.num_kv_heads, layer.head_dim)
+                layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            else:
+                source = self.layers[layer.kv_source]
+                layer.k_cache, layer.v_cache = source.k_cache, source.v_cache
+            self.k_caches.append(layer.k_cache)
+            self.v_caches.append(layer.v_cache)
         self.graphs = None
         if use_graphs:
-            self.graphs = DecodeGraphs(self.model, self.backend, config.cuda_graph_batch_sizes, self.block_size,
+            self.graphs = DecodeGraphs(self.model, self.ctx, config.cuda_graph_batch_sizes, self.block_size,
                                        self.max_model_len, self.num_blocks, self.device)
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB), backend %s", self.num_blocks, self.block_size,
-                    2 * self.k_pool.numel() * self.k_pool.element_size() / 2**20, self.backend.name)
+                    self.num_blocks * self.bytes_per_block / 2**20, self.backend.name)
 
     @property
     def bytes_per_block(self) -> int:
-        a = self.args
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        per_token = sum(2 * layer.num_kv_heads * layer.head_dim for layer in self.layers if layer.kv_source is None)
+        return per_token * self.block_size * self.dtype.itemsize
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -120,48 +130,57 @@ class ModelRunner:
                              f"({self.bytes_per_block} bytes each)")
         return num_blocks
 
-    def prepare(self, chunks: list[SeqChunk]) -> StepInputs:
+    def prepare(self, chunks: list[SeqChunk], all_logits: bool = False) -> StepInputs:
         ids: list[int] = []
         positions: list[int] = []
-        image_indices: list[int] = []
-        patches = []
+        row_indices: list[int] = []
+        rows, row_positions = [], []
+        logits_indices: list[int] = []
         for chunk in chunks:
             base = len(ids)
             ids += chunk.token_ids
             positions += range(chunk.start_pos, chunk.seq_len)
+            if chunk.needs_logits:
+                logits_indices.append(len(ids) - 1)
             if chunk.image_offsets:
-                image_indices += [base + i for i in chunk.image_offsets]
-                patches.append(chunk.patches)
+                row_indices += [base + i for i in chunk.image_offsets]
+                rows.append(chunk.patches)
+                if chunk.row_position_ids is not None:
+                    row_positions.append(chunk.row_position_ids)
         meta = AttentionMetadata.build(
             [len(c.token_ids) for c in chunks], [c.seq_len for c in chunks], [c.block_table for c in chunks],
-            self.block_size, self.device)
-        patch_rows = None
-        if patches:
-            patch_rows = torch.cat(patches).to(self.device, non_blocking=True)
-            if patch_rows.dtype == torch.uint8:
-                patch_rows = self.patch_normalizer(patch_rows)
+            self.block_size, self.device, runs=[c.runs for c in chunks])
+        media = None
+        if rows:
+            media = StepMedia(
+                rows=torch.cat(rows).to(self.device, non_blocking=True),
+                indices=torch.tensor(row_indices, dtype=torch.long, device=self.device),
+                position_ids=torch.cat(row_positions).to(self.device) if row_positions else None)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
             positions=torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),
-            patches=patch_rows,
-            image_indices=torch.tensor(image_indices, dtype=torch.long, device=self.device) if patches else None,
-            logits_indices=(meta.cu_seqlens_q[1:] - 1).long(),
+            media=media,
+            logits_indices=(torch.arange(len(ids)) if all_logits
+                            else torch.tensor(logits_indices, dtype=torch.long)).to(self.device),
             meta=meta,
         )
 
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
-        """Logits [B, V] of each sequence's last new token (or [T, V] for every new token)."""
-        step = self.prepare(chunks)
-        if self.graphs is not None and not all_logits and self.graphs.can_run(step.meta):
-            return self.graphs.run(step.input_ids, step.positions, step.meta)
-        with forward_context(step.meta, self.backend):
-            hidden = self.model(step.input_ids, step.positions, step.patches, step.image_indices)
-        if not all_logits:
-            hidden = hidden.index_select(0, step.logits_indices)
-        return self.model.compute_logits(hidden)
+        """Logits [N, V] of the last new token of each chunk that ``needs_logits`` (or [T, V] for every new
+        token); [0, V] when no chunk samples (the LM head does not run)."""
+        step = self.prepare(chunks, all_logits)
+        if (self.graphs is not None and not all_logits and step.media is None
+                and len(step.logits_indices) == len(chunks) and self.graphs.can_run(step.meta)):
+            return self.graphs.run(step.input_ids, step.positions, step.meta)  # decode only, no media rows
+        with self.ctx.step(step.meta):
+            hidden = self.model(step.input_ids, step.positions, step.media)
+        return self.model.compute_logits(hidden.index_select(0, step.logits_indices))
 
-    def run(self, chunks: list[SeqChunk], params, generators, token_history=None):
-        """Forward, then sample one token per sequence (callers drop those of unfinished prefill chunks)."""
+    def run(self, chunks: list[SeqChunk], params, generators, token_history=None) -> SamplerOutput | None:
+        """Forward, then one token for each chunk that ``needs_logits`` (``params``, ``generators`` and
+        ``token_history`` are of those chunks only, in order); None when none does."""
         logits = self.forward(chunks)
+        if not logits.shape[0]:
+            return None
         return self.sampler(logits, params, generators, token_history)

@@ -1,7 +1,12 @@
-"""What the engine and the Pipeline hand back: dataclasses, not dicts."""
+"""What the engine and the Pipeline hand back: dataclasses, not dicts.
+
+A step's ``RequestOutput`` carries only what that step added (``delta_*``), so streaming a long answer
+costs O(n) in all, not O(n^2). The whole answer (``text``, ``token_ids``, ``logprobs``) is filled in once,
+on the request's final output. A consumer that falls behind merges pending deltas with ``merge``.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -15,20 +20,38 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
+
+
 @dataclass
 class RequestOutput:
-    """State of one request after a step: the whole text so far plus what this step added."""
+    """One request after a step: what this step added, and on the final output the whole answer."""
 
     request_id: str
-    text: str
-    token_ids: list[int]
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     usage: Usage
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] | None = None  # per output token, when asked for
-    top_logprobs: list[list[tuple[int, float]]] | None = None
+    delta_logprobs: list[float] | None = None  # per new token, when asked for
+    delta_top_logprobs: list[TopLogprobs] | None = None
+    # the whole answer: final output only ("" / [] / None before)
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        """This output followed by ``later`` (the same request's next one) as one output."""
+        assert later.request_id == self.request_id and not self.finished
+
+        def joined(a, b):
+            return None if a is None and b is None else (a or []) + (b or [])
+
+        return replace(later, delta_text=self.delta_text + later.delta_text,
+                       delta_token_ids=self.delta_token_ids + later.delta_token_ids,
+                       delta_logprobs=joined(self.delta_logprobs, later.delta_logprobs),
+                       delta_top_logprobs=joined(self.delta_top_logprobs, later.delta_top_logprobs))
 
 
 @dataclass

@@ -44,9 +44,14 @@ class Pipeline:
             sampling_params = [sampling_params or SamplingParams()] * len(requests)
         if len(sampling_params) != len(requests):
             raise ValueError(f"{len(requests)} requests but {len(sampling_params)} SamplingParams")
-        ids = [self._add(request, params) for request, params in zip(requests, sampling_params)]
+        prompts = [self._prompt(request) for request in requests]  # bad media or text: nothing added yet
+        for prompt, params in zip(prompts, sampling_params):
+            self.engine.validate(prompt, params)
+        ids: list[str] = []
         results: dict[str, RequestOutput] = {}
         try:
+            for prompt, params in zip(prompts, sampling_params):
+                ids.append(self._add(prompt, params))
             while len(results) < len(ids):
                 for out in self.engine.step():
                     if out.finished:
@@ -60,7 +65,7 @@ class Pipeline:
     def stream(self, prompt: str | Prompt, images: Sequence = (), videos: Sequence = (),
                sampling_params: SamplingParams | None = None, **sampling: Any) -> Iterator[StreamChunk]:
         """Yields the new text as it is generated; closing the iterator early aborts the request."""
-        request_id = self._add({"prompt": prompt, "images": images or (), "videos": videos or ()},
+        request_id = self._add(self._prompt({"prompt": prompt, "images": images or (), "videos": videos or ()}),
                                _params(sampling_params, sampling))
         finished = False
         try:
@@ -74,16 +79,20 @@ class Pipeline:
             if not finished:
                 self.engine.abort(request_id)
 
-    def _add(self, request: dict | str | Prompt, params: SamplingParams) -> str:
+    def _prompt(self, request: dict | str | Prompt) -> Prompt:
         if isinstance(request, (str, Prompt)):
             request = {"prompt": request}
         unknown = set(request) - {"prompt", "images", "videos"}
         if unknown or "prompt" not in request:
             raise ValueError(f"a request is a dict with 'prompt' and optional 'images' / 'videos'; got keys "
                              f"{sorted(request)}")
+        if isinstance(request["prompt"], Prompt):
+            return request["prompt"]
+        return self.engine.build_prompt(request["prompt"], request.get("images", ()), request.get("videos", ()))
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
         request_id = f"pipe-{next(self._ids)}"
-        self.engine.add_request(request_id, request["prompt"], params, images=request.get("images", ()),
-                                videos=request.get("videos", ()))
+        self.engine.add_request(request_id, prompt, params)
         return request_id
 
 

@@ -129,7 +129,11 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p):
 class Sampler:
     """Samples one token per row. Seeded rows draw their noise only from their own generator, so a request's
     tokens do not depend on its batch companions (exponential race: argmax(probs / q), q ~ Exp(1)).
-    Logprobs are of the raw model distribution (before penalties and temperature), as vLLM's default."""
+    Logprobs are of the raw model distribution (before penalties and temperature), as vLLM's default.
+    Unseeded rows draw from the sampler's own generator: the process's global RNG is never touched."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator or torch.Generator().manual_seed(0)
 
     def __call__(
         self,
@@ -156,7 +160,7 @@ class Sampler:
                 logits = apply_top_k_top_p_min_p(logits, [p.top_k for p in params], [p.top_p for p in params],
                                                   [p.min_p for p in params])
             probs = logits.softmax(dim=-1)
-            q = torch.empty_like(probs).exponential_()
+            q = torch.empty_like(probs).exponential_(generator=self.generator)
             for row, gen in enumerate(generators):
                 if gen is not None:
                     q[row].exponential_(generator=gen)

@@ -60,7 +60,7 @@ def _run_all(engine: Engine, prompts, params) -> dict[str, object]:
 
 def _transformers_greedy(hf_model, engine: Engine, prompt, max_tokens: int) -> list[int]:
     ids = torch.tensor([prompt.token_ids])
-    media = {"pixel_values": normalize_patches(prompt.patches, engine.patch_config)} if prompt.patches.shape[0] else {}
+    media = {"pixel_values": normalize_patches(prompt.patches, engine.front_end.patch_config)} if prompt.patches.shape[0] else {}
     with torch.no_grad():
         out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                 do_sample=False, eos_token_id=None, pad_token_id=0, **media)
@@ -160,3 +160,89 @@ def test_rejects_prompt_longer_than_context(tiny_checkpoint):
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request("x", " ".join(WORDS * 4), _greedy(4))
     assert not engine.has_unfinished()
+
+
+def _sampled(seed: int, max_tokens: int = 24) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True)
+
+
+def test_seeded_request_is_independent_of_chunking_batching_and_preemption(tiny_checkpoint):
+    text = " ".join(WORDS * 2) + " <image> what is it?"
+    alone_engine = _engine(tiny_checkpoint)
+    prompt = alone_engine.build_prompt(text, [_image(7)])
+    alone = _run_all(alone_engine, [prompt], [_sampled(1234)])[0].token_ids
+    # a 16-token budget: the prompt is prefilled in many chunks, beside 8 other sampled requests
+    others = [alone_engine.build_prompt(f"{WORDS[i]} <image> ?", [_image(20 + i)]) for i in range(8)]
+    busy = _engine(tiny_checkpoint, max_num_batched_tokens=16)
+    outs = _run_all(busy, [prompt, *others], [_sampled(1234)] + [_sampled(None) for _ in others])
+    assert outs[0].token_ids == alone
+    # a pool so small that requests are preempted and recomputed
+    longest = len(prompt.token_ids) + 24
+    tight = _engine(tiny_checkpoint, num_blocks=-(-longest // 8) + 2, max_num_batched_tokens=32)
+    outs = _run_all(tight, [*others[:4], prompt], [_sampled(None) for _ in range(4)] + [_sampled(1234)])
+    assert tight.scheduler.num_preemptions > 0
+    assert outs[-1].token_ids == alone
+
+
+def test_engine_leaves_the_process_rng_alone(tiny_checkpoint):
+    torch.manual_seed(99)
+    before = torch.get_rng_state()
+    engine = _engine(tiny_checkpoint)
+    _run_all(engine, [engine.build_prompt("a <image> b", [_image(8)])], [_sampled(None, 6)])
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def _with_generation_config(tiny_checkpoint, tmp_path, eos_ids):
+    import json
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_ids}))
+    return folder
+
+
+def test_eos_ids_from_generation_config_and_stop_token_not_in_text(tiny_checkpoint, tmp_path):
+    engine = _engine(tiny_checkpoint)
+    prompt = engine.build_prompt("tell me <image> a story", [_image(4)])
+    full = _run_all(engine, [prompt], [_greedy(12)])[0].token_ids
+    special = set(engine.tokenizer.tokenizer.get_added_tokens_decoder())
+    eos = engine.tokenizer.eos_token_id
+    before_eos = full.index(eos) if eos in full else len(full)
+    stop_at = next(i for i in range(2, before_eos) if full[i] not in special and full[i] not in full[:i]
+                   and engine.tokenizer.decode([full[i]]).strip())
+    # a list of EOS ids in generation_config.json, none of them config.json's
+    folder = _with_generation_config(tiny_checkpoint, tmp_path, [engine.tokenizer.eos_token_id, full[stop_at]])
+    gc_engine = _engine(folder)
+    out = _run_all(gc_engine, [prompt], [SamplingParams(max_tokens=12, temperature=0.0)])[0]
+    assert out.finish_reason == "stop" and out.token_ids == full[:stop_at + 1]
+    assert out.text == engine.tokenizer.decode(full[:stop_at])
+    # a non-special stop_token_ids token ends the request and is left out of the text
+    out = _run_all(engine, [prompt], [_greedy(12, stop_token_ids=[full[stop_at]])])[0]
+    assert out.finish_reason == "stop" and out.token_ids == full[:stop_at + 1]
+    assert engine.tokenizer.decode([full[stop_at]]) and out.text == engine.tokenizer.decode(full[:stop_at])
+
+
+def test_two_engines_in_threads_do_not_share_step_state(tiny_checkpoint):
+    import threading
+
+    engines = [_engine(tiny_checkpoint), _engine(tiny_checkpoint)]
+    prompts = [engines[0].build_prompt(" ".join(WORDS[:k]) + " <image> ?", [_image(30 + k)]) for k in range(3, 9)]
+    expected = [o.token_ids for o in _run_all(_engine(tiny_checkpoint), prompts, [_greedy(16)] * len(prompts))]
+    results, errors = {}, []
+    start = threading.Barrier(2)
+
+    def run(i):
+        try:
+            start.wait()
+            for _ in range(3):
+                results[i] = [o.token_ids for o in _run_all(engines[i], prompts, [_greedy(16)] * len(prompts))]
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == {0: expected, 1: expected}

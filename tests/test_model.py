@@ -137,7 +137,7 @@ def test_bfloat16_stays_close_to_float32_reference(tiny_checkpoint, hf_model, hf
     with torch.no_grad():
         ref = hf_model(input_ids=ids[None], pixel_values=patches).logits[0]
     runner = _runner(tiny_checkpoint, dtype="bfloat16")
-    assert runner.k_pool.dtype == torch.bfloat16
+    assert all(k.dtype == torch.bfloat16 for k in runner.k_caches)
     ours = _prefill_logits(runner, ids.tolist(), patches, _table(runner, len(ids)))
     # bfloat16 keeps 8 mantissa bits; seen here: max error 3% and mean error 0.4% of the logits' std
     spread = ref.std().item()
@@ -151,6 +151,7 @@ def test_bfloat16_stays_close_to_float32_reference(tiny_checkpoint, hf_model, hf
 
 def test_loads_sharded_checkpoint(tmp_path, tiny_checkpoint, hf_model, hf_processor):
     hf_model.save_pretrained(tmp_path, max_shard_size="50KB")
+    hf_processor.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors.index.json").exists()
     ids, patches = _hf_inputs(hf_processor, TEXT, _image(6, 32, 32))
     with torch.no_grad():
@@ -200,3 +201,39 @@ def test_unsupported_model_type(ckpt_copy):
     (ckpt_copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="llava"):
         _runner(ckpt_copy)
+
+
+def test_a_one_token_chunk_on_an_image_token_never_replays_a_decode_graph(tiny_checkpoint, hf_processor):
+    ids, patches = _hf_inputs(hf_processor, TEXT, _image(5, 40, 70))
+    ids = ids.tolist()
+
+    class Graphs:  # stands in for DecodeGraphs on CPU: it would take any decode-only step
+        def can_run(self, meta):
+            return True
+
+        def run(self, *args):
+            raise AssertionError("a step with patch rows replayed the decode graph")
+
+    logits = []
+    for graphs in (None, Graphs()):
+        runner = _runner(tiny_checkpoint)
+        runner.graphs = graphs
+        table = _table(runner, len(ids))
+        rows, steps = 0, []
+        for start in range(3):  # one-token chunks: each is an image token
+            chunk, rows = _chunk(runner, ids, patches, start, start + 1, table, rows)
+            assert chunk.image_offsets == [0]
+            steps.append(runner.forward([chunk]))
+        logits.append(torch.cat(steps))
+    torch.testing.assert_close(logits[1], logits[0])
+
+
+def test_building_a_runner_leaves_the_process_heap_policy_alone(tiny_checkpoint, monkeypatch):
+    import pipeline.model_runner as model_runner
+
+    calls = []
+    monkeypatch.setattr(model_runner, "keep_freed_memory", lambda: calls.append(1))
+    _runner(tiny_checkpoint)
+    assert calls == []
+    _runner(tiny_checkpoint, keep_freed_memory=True)
+    assert calls == [1]

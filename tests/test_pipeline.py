@@ -104,6 +104,16 @@ def test_video_prompt_matches_transformers_on_the_same_tokens(pipe, hf_model):
     ids = torch.tensor([prompt.token_ids])
     with torch.no_grad():
         ref = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                pixel_values=normalize_patches(prompt.patches, pipe.engine.patch_config),
+                                pixel_values=normalize_patches(prompt.patches, pipe.engine.front_end.patch_config),
                                 max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert [t for c in chunks for t in c.token_ids] == ref[0, ids.shape[1]:].tolist()
+
+
+def test_generate_with_a_bad_request_leaves_nothing_in_the_engine(pipe):
+    good = {"prompt": "What is this?", "images": [_png(3)]}
+    with pytest.raises(ValueError):
+        pipe.generate([good, good, {"prompt": "no image here <image>"}], SamplingParams(max_tokens=4))
+    assert not pipe.engine.has_unfinished()
+    bm = pipe.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert pipe("What is this?", images=[_png(3)], max_tokens=2).finish_reason is not None

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from pipeline.attention.base import AttentionBackend, AttentionMetadata, forward_context, get_metadata
+from pipeline.attention.base import AttentionBackend, AttentionMetadata, PagedAttention, StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +21,8 @@ BACKENDS = {
     "triton": ("pipeline.attention.triton_backend", "TritonBackend"),
 }
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "BACKENDS", "forward_context", "get_metadata",
-           "get_backend", "resolve_backend_name"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "BACKENDS", "PagedAttention", "StepContext", "get_backend",
+           "resolve_backend_name"]
 
 
 def resolve_backend_name(name: str | None, device: torch.device | str) -> str:

@@ -19,7 +19,10 @@ class FlashBackend(AttentionBackend):
             raise ValueError(f"the flash backend needs block_size a multiple of 256, got {meta.block_size}")
         meta.extra["flash"] = F.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
+        if sliding_window is not None or meta.query_run_start is not None:
+            raise ValueError("the flash attention backend has no sliding windows or bidirectional media runs yet; "
+                             "use attention_backend='torch'")
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
             out = flash_attn_with_kvcache(

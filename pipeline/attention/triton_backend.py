@@ -70,7 +70,10 @@ class TritonBackend(AttentionBackend):
                              "before import, for tests); use attention backend 'torch' on CPU")
         meta.extra["triton"] = {}  # decode partial buffers, made by the first layer, shared by the rest
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
+        if sliding_window is not None or meta.query_run_start is not None:
+            raise ValueError("the triton attention backend has no sliding windows or bidirectional media runs yet; "
+                             "use attention_backend='torch'")
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         num_kv_heads = k_cache.shape[2]
         shapes = _Shapes(q.shape[1], num_kv_heads, q.shape[2])

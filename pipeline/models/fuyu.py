@@ -2,22 +2,24 @@
 replaced by ``Linear(patch pixels)`` — no vision tower.
 
 Inputs are flat (all scheduled tokens of a step concatenated, no padding); attention reads and
-writes the paged KV pool through the per-step metadata of ``pipeline.attention``. Loads Hugging Face
-``config.json`` + ``*.safetensors`` (single file or sharded with an index) without importing
-transformers' modeling code.
+writes the paged KV pool through the runner's ``StepContext``. Loads Hugging Face ``config.json`` +
+``*.safetensors`` without importing transformers' modeling code.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from pipeline.attention import AttentionBackend, get_metadata
+from encoders import MediaLimits, PatchConfig, VideoSampling, normalize_patches
+from pipeline.attention import PagedAttention, StepContext
+from pipeline.models.base import CausalLM, StepMedia
+from pipeline.models.loading import load_weights, read_config
+from tokenization import Interleaver
 
 SUPPORTED_MODEL_TYPES = ("fuyu", "persimmon")
 ACTIVATIONS = {
@@ -51,7 +53,6 @@ class ModelArgs:
     num_channels: int
     image_token_id: int | None  # None: a text-only Persimmon checkpoint
     bos_token_id: int | None
-    eos_token_id: int | None
 
     @property
     def head_dim(self) -> int:
@@ -85,7 +86,6 @@ class ModelArgs:
         act = text.get("hidden_act", "relu2")
         if act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {act!r}; supported: {sorted(ACTIVATIONS)}")
-        eos = text.get("eos_token_id")
         return cls(
             vocab_size=text["vocab_size"], hidden_size=hidden, intermediate_size=text["intermediate_size"],
             num_layers=text["num_hidden_layers"], num_heads=heads,
@@ -99,7 +99,6 @@ class ModelArgs:
             patch_size=config.get("patch_size", 30), num_channels=config.get("num_channels", 3),
             image_token_id=config.get("image_token_id") if model_type == "fuyu" else None,
             bos_token_id=text.get("bos_token_id"),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
 
 
@@ -129,7 +128,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_d
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, backend: AttentionBackend):
+    def __init__(self, args: ModelArgs, ctx: StepContext):
         super().__init__()
         self.num_heads, self.head_dim, self.rotary_dim = args.num_heads, args.head_dim, args.rotary_dim
         self.query_key_value = nn.Linear(args.hidden_size, 3 * args.hidden_size)
@@ -138,9 +137,7 @@ class Attention(nn.Module):
             self.q_layernorm = nn.LayerNorm(args.head_dim, eps=args.layer_norm_eps)
             self.k_layernorm = nn.LayerNorm(args.head_dim, eps=args.layer_norm_eps)
         self.qk_layernorm = args.qk_layernorm
-        self.scale = self.head_dim ** -0.5
-        self.backend = backend
-        self.k_cache = self.v_cache = torch.empty(0)  # bound to a layer of the KV pool by the model runner
+        self.attn = PagedAttention(ctx, args.num_heads, args.num_kv_heads, args.head_dim, args.head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.query_key_value(x).view(x.shape[0], self.num_heads, 3, self.head_dim)  # [T, H, 3, D]
@@ -149,15 +146,15 @@ class Attention(nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q = apply_rotary(q, cos, sin, self.rotary_dim)
         k = apply_rotary(k, cos, sin, self.rotary_dim)
-        out = self.backend.forward(q, k, v.contiguous(), self.k_cache, self.v_cache, get_metadata(), self.scale)
+        out = self.attn(q, k, v.contiguous())
         return self.dense(out.reshape(x.shape[0], -1))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, backend: AttentionBackend):
+    def __init__(self, args: ModelArgs, ctx: StepContext):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
-        self.self_attn = Attention(args, backend)
+        self.self_attn = Attention(args, ctx)
         self.post_attention_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.mlp = nn.Module()
         self.mlp.dense_h_to_4h = nn.Linear(args.hidden_size, args.intermediate_size)
@@ -170,30 +167,32 @@ class DecoderLayer(nn.Module):
         return x + self.mlp.dense_4h_to_h(self.act(h))
 
 
-class FuyuModel(nn.Module):
-    def __init__(self, args: ModelArgs, backend: AttentionBackend):
+class FuyuModel(CausalLM):
+    def __init__(self, args: ModelArgs, ctx: StepContext, normalize=None):
         super().__init__()
         self.args = args
+        self.vocab_size, self.max_position_embeddings = args.vocab_size, args.max_position_embeddings
+        self.normalize = normalize  # uint8 patch rows -> the processor's normalized floats
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         if args.image_token_id is not None:
             self.vision_embed_tokens = nn.Linear(args.patch_dim, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, backend) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, ctx) for _ in range(args.num_layers))
         self.final_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args)
 
-    def embed(self, input_ids: torch.Tensor, patches: torch.Tensor | None = None,
-              image_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with ``Linear(patches)`` written at ``image_indices`` (rows in order)."""
+    def embed(self, input_ids: torch.Tensor, media: StepMedia | None = None) -> torch.Tensor:
+        """Token embeddings with ``Linear(patches)`` written at the media rows' indices (rows in order)."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        if patches is not None and patches.shape[0]:
-            x = x.index_copy(0, image_indices, self.vision_embed_tokens(patches.to(x.dtype)))
+        if media is not None and media.rows.shape[0]:
+            patches = self.normalize(media.rows) if media.rows.dtype == torch.uint8 else media.rows
+            x = x.index_copy(0, media.indices, self.vision_embed_tokens(patches.to(x.dtype)))
         return x
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, patches: torch.Tensor | None = None,
-                image_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """[T] ids and positions (+ [P, patch_dim] normalized patches at [P] indices) -> [T, hidden]."""
-        x = self.embed(input_ids, patches, image_indices)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, media: StepMedia | None = None
+                ) -> torch.Tensor:
+        """[T] ids and positions (+ patch rows at their token indices) -> [T, hidden]."""
+        x = self.embed(input_ids, media)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
@@ -203,68 +202,32 @@ class FuyuModel(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def _checkpoint_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (folder / n).exists()]
-        if missing:
-            raise ValueError(f"{index} names shard(s) that are not in the folder: {missing}")
-        return [folder / n for n in names]
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in folder.glob(ext))
-    if pickles:
-        raise ValueError(
-            f"{folder} holds only pickle checkpoints ({', '.join(pickles)}); fusionserve refuses them because "
-            "loading a pickle can run arbitrary code. Convert to safetensors (e.g. transformers' "
-            "save_pretrained(..., safe_serialization=True)) and try again.")
-    raise ValueError(f"no *.safetensors weights in {folder}")
-
-
-def _canonical_name(name: str) -> str:
+def _canonical_name(name: str) -> str | None:
+    if name.endswith(_IGNORED_SUFFIXES):
+        return None
     for prefix in _PREFIXES:
         if name.startswith(prefix):
             return name[len(prefix):]
     return name
 
 
-def load_model(path: str | Path, backend: AttentionBackend, device: torch.device | str = "cpu",
+def load_model(path: str | Path, ctx: StepContext, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> FuyuModel:
     """Build a FuyuModel from a Hugging Face folder, weights cast to ``dtype`` on ``device``."""
-    folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise ValueError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-    args = ModelArgs.from_hf_config(json.loads(config_file.read_text()))
+    args = ModelArgs.from_hf_config(read_config(path))
+    normalize = partial(normalize_patches, cfg=PatchConfig.from_pretrained(path)) if args.image_token_id else None
     with torch.device("meta"):
-        model = FuyuModel(args, backend)
-    expected = {name: p for name, p in model.named_parameters()}
-    if args.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    loaded: dict[str, torch.Tensor] = {}
-    for file in _checkpoint_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for raw in f.keys():
-                name = _canonical_name(raw)
-                if name.endswith(_IGNORED_SUFFIXES) or (args.tie_word_embeddings and name == "lm_head.weight"):
-                    continue
-                if name not in expected:
-                    raise ValueError(f"unexpected tensor {raw!r} in {file.name}: no such parameter in a "
-                                     f"{args.num_layers}-layer Fuyu model")
-                tensor = f.get_tensor(raw)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
-                    raise ValueError(f"tensor {raw!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(expected[name].shape)} from config.json")
-                loaded[name] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(loaded))
-    if missing:
-        raise ValueError(f"checkpoint in {folder} is missing tensor(s): {', '.join(missing[:8])}"
-                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    model.load_state_dict(loaded, strict=False, assign=True)
+        model = FuyuModel(args, ctx, normalize)
+    load_weights(model, path, _canonical_name, f"a {args.num_layers}-layer Fuyu model", device, dtype,
+                 skip={"lm_head.weight"} if args.tie_word_embeddings else set())
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(args).to(device)
     return model.eval().requires_grad_(False)
 
+
+def make_front_end(path: str | Path, limits: MediaLimits, video_sampling: VideoSampling,
+                   max_prompt_tokens: int | None = None) -> Interleaver:
+    """Text + media -> Fuyu's token stream (media, ``<s>``, text, ``<0x04>``)."""
+    return Interleaver.from_pretrained(path, limits=limits, video_sampling=video_sampling,
+                                       max_prompt_tokens=max_prompt_tokens)

@@ -1,0 +1,39 @@
+"""What every model family's decoder offers the model runner."""
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.attention import PagedAttention
+
+
+@dataclass
+class StepMedia:
+    """The media rows of one step, for the positions their placeholder ids hold."""
+
+    rows: torch.Tensor  # [P, row_dim] raw rows as the front end made them (uint8 pixels); the model normalizes
+    indices: torch.Tensor  # [P] int64: token index in the step of each row
+    position_ids: torch.Tensor | None = None  # [P, 2] (x, y) for a 2-D position embedding, if the family has one
+
+
+class CausalLM(nn.Module, metaclass=ABCMeta):
+    """A family's decoder over the paged KV pool: flat tokens in, hidden states and logits out."""
+
+    max_position_embeddings: int
+    vocab_size: int
+
+    def attention_layers(self) -> list[PagedAttention]:
+        """One per decoder layer, in order; the runner binds each to its part of the KV pool."""
+        return [m for m in self.modules() if isinstance(m, PagedAttention)]
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, media: StepMedia | None = None
+                ) -> torch.Tensor:  # [T, hidden]
+        ...
+
+    @abstractmethod
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, V] float32
+        ...

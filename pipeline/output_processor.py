@@ -1,0 +1,87 @@
+"""From sampled tokens to what callers see (vLLM's output processor): incremental detokenizing, stop
+tokens and strings, logprobs, finish reasons, and per-step delta outputs.
+
+Each step's ``RequestOutput`` carries only what the step added, so a long stream costs O(n); the whole
+answer is assembled once, on the final output. A stop string and what follows it are cut; while running,
+a possible stop-string prefix at the end of the text is held back. A stop token (EOS or one of
+``stop_token_ids``) ends the request and is left out of the text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.outputs import RequestOutput, TopLogprobs, Usage
+from pipeline.request import Request, RequestStatus
+from tokenization import IncrementalDetokenizer
+
+
+@dataclass
+class _State:
+    detokenizer: IncrementalDetokenizer
+    emitted_text: str = ""  # text released to the caller so far
+    num_emitted_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    num_emitted_logprobs: int = 0
+    cut_text: str | None = None  # the text up to a stop string that ended the request
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: frozenset[int], max_model_len: int):
+        self.tokenizer, self.eos_token_ids, self.max_model_len = tokenizer, eos_token_ids, max_model_len
+        self._states: dict[str, _State] = {}
+
+    def add(self, req: Request) -> None:
+        self._states[req.request_id] = _State(IncrementalDetokenizer(self.tokenizer))
+
+    def update(self, req: Request, logprob: float | None = None, top: TopLogprobs | None = None
+               ) -> tuple[RequestStatus | None, RequestOutput | None]:
+        """After ``req`` got its next token: (finish status or None, the running delta output or None when it
+        finishes; then call ``finish`` once the scheduler has freed it)."""
+        state, params, token = self._states[req.request_id], req.sampling_params, req.output_token_ids[-1]
+        if params.logprobs is not None:
+            state.logprobs.append(logprob)
+            state.top_logprobs.append(top)
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            return RequestStatus.FINISHED_STOPPED, None
+        state.detokenizer.add([token])
+        text = state.detokenizer.text
+        longest_stop = max(map(len, params.stop), default=0)
+        if longest_stop:
+            tail_from = max(0, len(state.emitted_text) - longest_stop)
+            hits = [i for i in (text.find(s, tail_from) for s in params.stop) if i >= 0]
+            if hits:
+                state.cut_text = text[:min(hits)]
+                return RequestStatus.FINISHED_STOPPED, None
+        if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        released = text[:max(0, len(text) - longest_stop + 1)] if longest_stop else text
+        return None, self._delta(req, state, released, finished=False)
+
+    def finish(self, req: Request) -> RequestOutput:
+        """The final output of a finished (or aborted) request: the last delta plus the whole answer."""
+        state = self._states.pop(req.request_id)
+        text = state.cut_text
+        if text is None:
+            text = state.detokenizer.text + state.detokenizer.flush()
+        out = self._delta(req, state, text, finished=True)
+        out.text, out.token_ids = state.emitted_text, list(req.output_token_ids)
+        if req.sampling_params.logprobs is not None:
+            out.logprobs, out.top_logprobs = state.logprobs, state.top_logprobs
+        return out
+
+    def _delta(self, req: Request, state: _State, text: str, finished: bool) -> RequestOutput:
+        emitted = state.emitted_text
+        delta_text = text[len(emitted):] if text.startswith(emitted) else ""
+        state.emitted_text = emitted + delta_text
+        delta_ids = req.output_token_ids[state.num_emitted_tokens:]
+        state.num_emitted_tokens = req.num_output_tokens
+        out = RequestOutput(
+            request_id=req.request_id, finished=finished, finish_reason=req.status.finish_reason if finished else None,
+            usage=Usage(req.num_prompt_tokens, req.num_output_tokens, req.num_cached_tokens),
+            delta_text=delta_text, delta_token_ids=list(delta_ids))
+        if req.sampling_params.logprobs is not None:
+            out.delta_logprobs = state.logprobs[state.num_emitted_logprobs:]
+            out.delta_top_logprobs = state.top_logprobs[state.num_emitted_logprobs:]
+            state.num_emitted_logprobs = len(state.logprobs)
+        return out
