@@ -40,6 +40,7 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     media_spans: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, content_hash)
+    atomic_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end): never split across steps
     payload: Any = None  # opaque here: the model runner's media patches
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
@@ -55,6 +56,10 @@ class Request:
         prev_end = 0
         for start, end, _ in self.media_spans:
             assert prev_end <= start < end <= len(self.prompt_token_ids), f"bad media span {(start, end)}"
+            prev_end = end
+        prev_end = 0
+        for start, end in self.atomic_spans:
+            assert prev_end <= start < end <= len(self.prompt_token_ids), f"bad atomic span {(start, end)}"
             prev_end = end
         self._token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
 

@@ -33,7 +33,9 @@ class Scheduler:
     """First come, first served. Each step schedules the running requests (oldest first, a decode or the next
     prefill chunk each), then admits waiting ones while the token budget, max_num_seqs and blocks allow. When
     blocks run out the newest running request is preempted: its blocks are freed and it goes back to the front
-    of the waiting queue to recompute prompt + outputs."""
+    of the waiting queue to recompute prompt + outputs. A request's atomic spans (bidirectional media runs) are
+    never split across steps (vLLM's disable_chunked_mm_input): a chunk ends before a span that does not fit the
+    step's remaining budget; a span longer than the whole budget is scheduled alone, in a step of its own."""
 
     def __init__(
         self,
@@ -95,7 +97,13 @@ class Scheduler:
             num_new = req.num_tokens - req.num_computed_tokens
             assert num_new > 0 and req.num_tokens <= self.max_model_len
             assert self.enable_chunked_prefill or num_new == 1
-            num_new = min(num_new, budget)
+            num_new = self._fit(req, req.num_computed_tokens, num_new, budget, alone=out.is_empty)
+            if not num_new:  # an atomic span that does not fit what is left of the budget waits
+                if self._span_len(req, req.num_computed_tokens) > self.max_num_batched_tokens:
+                    self.running.insert(0, self.running.pop(i))  # longer than any budget: first, alone, next step
+                    return out
+                i += 1
+                continue
             while not self.block_manager.can_allocate(req, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -115,8 +123,8 @@ class Scheduler:
             num_new = req.num_tokens - num_cached
             if not self.enable_chunked_prefill and num_new > budget:
                 break
-            num_new = min(num_new, budget)
-            if not self.block_manager.can_allocate(req, num_new, cached_blocks):
+            num_new = self._fit(req, num_cached, num_new, budget, alone=out.is_empty)
+            if not num_new or not self.block_manager.can_allocate(req, num_new, cached_blocks):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_cached
@@ -127,6 +135,21 @@ class Scheduler:
             out.add(req, num_new)
             budget -= num_new
         return out
+
+    def _fit(self, req: Request, start: int, num_new: int, budget: int, alone: bool) -> int:
+        """How many of the ``num_new`` tokens from ``start`` to schedule now (0: wait for the next step)."""
+        end = start + min(num_new, budget)
+        for span_start, span_end in req.atomic_spans:
+            if span_start < end < span_end:  # the chunk would end inside this span
+                if span_start > start:
+                    return span_start - start
+                return span_end - start if alone else 0  # longer than the whole budget: alone
+        return end - start
+
+    @staticmethod
+    def _span_len(req: Request, start: int) -> int:
+        """Tokens from ``start`` to the end of the atomic span it lies in (0 if none)."""
+        return next((end - start for s, end in req.atomic_spans if s <= start < end), 0)
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)

@@ -62,10 +62,10 @@ def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_m
     return Scheduler(bm, max_num_seqs, budget, max_model_len, **kw), FakeRunner(bm)
 
 
-def make_req(rid, prompt_len, max_tokens=5, seed=0, media=()):
+def make_req(rid, prompt_len, max_tokens=5, seed=0, media=(), atomic=()):
     rng = random.Random(seed)
     return Request(rid, [rng.randrange(1000) for _ in range(prompt_len)], SamplingParams(max_tokens=max_tokens),
-                   media_spans=list(media))
+                   media_spans=list(media), atomic_spans=list(atomic))
 
 
 def drive(sched: Scheduler, runner: FakeRunner, max_steps=500, on_step=None) -> list[Request]:
@@ -77,7 +77,7 @@ def drive(sched: Scheduler, runner: FakeRunner, max_steps=500, on_step=None) -> 
         out = sched.schedule()
         ids = [id(r) for r in out.requests]
         assert len(ids) == len(set(ids)), "request scheduled twice in a step"
-        assert out.num_batched_tokens <= sched.max_num_batched_tokens
+        assert out.num_batched_tokens <= sched.max_num_batched_tokens or len(out.requests) == 1  # a span alone
         assert len(out.requests) <= sched.max_num_seqs and sched.num_running <= sched.max_num_seqs
         assert not set(map(id, sched.running)) & set(map(id, sched.waiting)), "request in both queues"
         if on_step:
@@ -246,3 +246,59 @@ def test_reject_reason_for_requests_that_can_never_run():
     assert "KV blocks" in sched.reject_reason(make_req("pool", prompt_len=10, max_tokens=7))
     nochunk, _ = make_scheduler(budget=8, enable_chunked_prefill=False)
     assert "max_num_batched_tokens" in nochunk.reject_reason(make_req("big", prompt_len=6, max_tokens=3))
+
+
+def _chunks_split(sched, runner, reqs):
+    """Drives the requests; returns, per request, the spans any step's chunk cut inside, and the steps."""
+    cuts, steps = {r.request_id: [] for r in reqs}, []
+
+    def check(out):
+        steps.append([(r.request_id, n) for r, n in zip(out.requests, out.num_new_tokens)])
+        for req, n in zip(out.requests, out.num_new_tokens):
+            end = req.num_computed_tokens + n
+            cuts[req.request_id] += [(s, e) for s, e in req.atomic_spans if s < end < e]
+
+    finished = drive(sched, runner, on_step=check)
+    assert sorted(r.request_id for r in finished) == sorted(r.request_id for r in reqs)
+    for req in reqs:
+        assert req.output_token_ids == reference_outputs(req)
+    return cuts, steps
+
+
+def test_atomic_spans_are_never_split_across_chunks():
+    sched, runner = make_scheduler(num_blocks=80, budget=16, max_num_seqs=6)
+    reqs = [make_req(f"r{i}", prompt_len=40, seed=i, media=[(5 + i, 17 + i, f"m{i}"), (25, 34, f"n{i}")],
+                     atomic=[(5 + i, 17 + i), (25, 34)]) for i in range(6)]
+    for r in reqs:
+        sched.add(r)
+    cuts, steps = _chunks_split(sched, runner, reqs)
+    assert cuts == {r.request_id: [] for r in reqs}
+    assert all(sum(n for _, n in step) <= 16 for step in steps)
+
+
+def test_a_span_longer_than_the_budget_runs_alone():
+    sched, runner = make_scheduler(num_blocks=80, budget=8, max_num_seqs=4)
+    small = [make_req(f"s{i}", prompt_len=6, max_tokens=8, seed=i) for i in range(3)]
+    big = make_req("big", prompt_len=30, seed=9, media=[(4, 24, "img")], atomic=[(4, 24)])
+    for r in [*small, big]:
+        sched.add(r)
+    cuts, steps = _chunks_split(sched, runner, [*small, big])
+    assert cuts["big"] == []
+    alone = [step for step in steps if ("big", 20) in step]
+    assert alone == [[("big", 20)]]
+
+
+def test_a_prefix_hit_ending_inside_a_span_schedules_the_rest_of_it_whole():
+    sched, runner = make_scheduler(num_blocks=80, budget=32, block_size=4)
+    first = make_req("a", prompt_len=30, seed=3, media=[(6, 22, "img")], atomic=[(6, 22)])
+    sched.add(first)
+    drive(sched, runner)
+    again = make_req("b", prompt_len=30, seed=3, media=[(6, 22, "img")], atomic=[(6, 22)])
+    again.prompt_token_ids[15] = (again.prompt_token_ids[15] + 1) % 1000  # blocks from position 12 on differ
+    again.all_token_ids[15] = again.prompt_token_ids[15]
+    sched.max_num_batched_tokens = 12
+    sched.add(again)
+    cuts, steps = _chunks_split(sched, runner, [again])
+    assert again.num_cached_tokens == 12  # the hit ends inside the span [6, 22)
+    assert steps[0][0][0] == "b" and steps[0][0][1] >= 10  # the rest of the span, whole, in the first step
+    assert cuts["b"] == []
