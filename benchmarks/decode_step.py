@@ -20,7 +20,8 @@ from pipeline.model_runner import ModelRunner, SeqChunk
 class Ours:
     def __init__(self, folder, batch: int, context: int, steps: int):
         self.runner = ModelRunner(EngineConfig(model=str(folder), block_size=16, max_num_seqs=batch,
-                                               num_blocks=batch * (-(-(context + steps + 8) // 16))))
+                                               num_blocks=batch * (-(-(context + steps + 8) // 16)),
+                                               keep_freed_memory=True))
         g = torch.Generator().manual_seed(0)
         per_seq = self.runner.num_blocks // batch
         self.tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]

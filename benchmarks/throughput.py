@@ -100,7 +100,7 @@ def main() -> None:
     from transformers import FuyuForCausalLM
 
     folder = bench_checkpoint(target_size=256)
-    pipe = Pipeline.from_pretrained(str(folder), max_num_seqs=64, max_num_batched_tokens=2048)
+    pipe = Pipeline.from_pretrained(str(folder), max_num_seqs=64, max_num_batched_tokens=2048, keep_freed_memory=True)
     requests = make_requests(args.requests)
     prompts = [pipe.engine.build_prompt(text, [image]) for text, image, _ in requests]
     max_tokens = [n for _, _, n in requests]
@@ -125,7 +125,7 @@ def main() -> None:
     questions = [f"{shared_text} question {i}: " + " ".join(random.Random(i).choices(WORDS, k=6)) for i in range(32)]
     timings = {}
     for caching in (True, False):
-        pipe = Pipeline.from_pretrained(str(folder), enable_prefix_caching=caching)
+        pipe = Pipeline.from_pretrained(str(folder), enable_prefix_caching=caching, keep_freed_memory=True)
         shared = [pipe.engine.build_prompt(f"<image> {q}", [image]) for q in questions]
         timings[caching] = mean_ttft(pipe, shared)
     print(f"shared prefix ({len(shared[0].token_ids)} prompt tokens): mean TTFT cache on "
