@@ -1,28 +1,45 @@
-"""OpenAI chat completions: messages -> prompt text with ``<image>`` / ``<video>`` markers + media.
+"""OpenAI chat completions: messages -> prompt segments (text and ``MediaSlot``s) + media.
+
+Media positions are structural: each image/video part becomes a per-request random sentinel while the
+messages are rendered, and the rendered text is cut at the sentinels into ``MediaSlot``s, so text a user
+types (``<image>`` included) is only ever text.
 
 Prompt format. When the checkpoint has a chat template (``chat_template`` in tokenizer_config.json,
 or a ``chat_template.jinja`` file) it is rendered as transformers renders it, with
-``add_generation_prompt=True``; each message's content is its text parts joined with its media as
-markers, in order (an image part is ``<image>``). Without a template, the plain format:
+``add_generation_prompt=True``; each message's content is its parts in order. Without a template,
+the plain format:
 - a single user message is its content as is (Fuyu's own prompt: media, ``<s>``, text, ``<0x04>``);
 - otherwise one line per message, ``System: ...`` / ``User: ...`` / ``Assistant: ...``, joined by
   newlines; the engine appends ``<0x04>`` (beginning of answer) after the last one.
+
+Any JSON body is either a request or an ``APIError`` (400/415): too deep, non-finite or out-of-range
+numbers, wrong types and lone surrogates are refused here, and messages never echo a whole value.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import json
+import re
+import reprlib
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from serve.protocol import APIError, GenerateRequest, ServerConfig, bad_request, check_media_counts, \
     check_media_type, make_params
+from tokenization import MediaSlot, Segment
 
 ROLES = ("system", "user", "assistant", "developer")
 _PART_KINDS = {"image_url": "image", "video_url": "video"}
-_MARKERS = {"image": "<image>", "video": "<video>"}
+_INT_LIMIT = 2**63  # integers must fit int64 (seeds, counts)
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 60, 60, 40
+
+
+def _short(value) -> str:
+    return _SHORT.repr(value)
 
 
 @dataclass
@@ -88,23 +105,27 @@ def _decode_data_url(url: str, kind: str) -> bytes:
 
 
 def _media_ref(part: dict, kind: str, config: ServerConfig) -> MediaRef:
-    value = part.get(part["type"])
+    name = part["type"]
+    value = part.get(name)
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url:
-        raise bad_request(f"a {part['type']} part needs {{\"{part['type']}\": {{\"url\": \"data:...\"}}}}")
+        raise bad_request(f"a {name} part needs {{\"{name}\": {{\"url\": \"data:...\"}}}}")
     if url.startswith("data:"):
         return MediaRef(kind, data=_decode_data_url(url, kind))
-    scheme = urlsplit(url).scheme.lower()
-    host = (urlsplit(url).hostname or "").lower()
+    try:
+        scheme, host = urlsplit(url).scheme.lower(), (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        raise bad_request(f"the {kind} URL {_short(url)} is malformed", "bad_media") from None
     if scheme in ("http", "https"):
         if host and host in config.allowed_media_hosts:
             return MediaRef(kind, url=url)
-        raise bad_request(f"this server does not fetch remote media ({host or url!r} is not allowed); send the "
-                          f"{kind} inline as a data: URL", "remote_media_refused")
-    raise bad_request(f"unsupported {kind} URL scheme {scheme!r}; use a data: URL", "bad_media")
+        raise bad_request(f"this server does not fetch remote media ({_short(host or url)} is not allowed); send "
+                          f"the {kind} inline as a data: URL", "remote_media_refused")
+    raise bad_request(f"unsupported {kind} URL scheme {_short(scheme)}; use a data: URL", "bad_media")
 
 
-def _content(content, role: str, media: list[MediaRef], config: ServerConfig) -> str:
+def _content(content, role: str, media: list[MediaRef], sentinel: str, config: ServerConfig) -> str:
+    """The message's text with a sentinel ``<sentinel-i>`` for the i-th media item of the request."""
     if isinstance(content, str):
         return content
     if content is None and role == "assistant":
@@ -118,58 +139,100 @@ def _content(content, role: str, media: list[MediaRef], config: ServerConfig) ->
             if not isinstance(part.get("text"), str):
                 raise bad_request("a text part needs a string 'text'")
             pieces.append(part["text"])
-        elif kind in _PART_KINDS:
+        elif isinstance(kind, str) and kind in _PART_KINDS:
+            pieces.append(f"<{sentinel}-{len(media)}>")
             media.append(_media_ref(part, _PART_KINDS[kind], config))
-            pieces.append(_MARKERS[_PART_KINDS[kind]])
         else:
-            raise bad_request(f"unsupported content part {kind!r}; use text, image_url or video_url")
+            raise bad_request(f"unsupported content part {_short(kind)}; use text, image_url or video_url")
     return "".join(pieces)
 
 
-def _typed(body: dict, name: str, types: tuple, what: str):
+def _segments(text: str, sentinel: str, media: list[MediaRef]) -> tuple[list[Segment], list[MediaRef]]:
+    """Rendered text -> segments, and the media in the order their slots came out of the template."""
+    pieces = re.split(f"<{sentinel}-([0-9]+)>", text)  # text, index, text, ..., text
+    order = [int(i) for i in pieces[1::2]]
+    if sorted(order) != list(range(len(media))):
+        raise bad_request("the chat template dropped or repeated image/video parts of these messages",
+                          "template_error")
+    segments = [MediaSlot(media[int(p)].kind) if i % 2 else p for i, p in enumerate(pieces) if p]
+    return segments, [media[i] for i in order]
+
+
+def _loads(raw: bytes):
+    def refuse_constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def finite_float(text: str) -> float:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"the number {text[:40]} is out of range")
+        return value
+
+    try:
+        return json.loads(raw, parse_constant=refuse_constant, parse_float=finite_float)
+    except RecursionError:
+        raise bad_request("the JSON body is nested too deeply", "invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits, the two above
+        raise bad_request(f"the body is not valid JSON: {str(exc)[:200]}", "invalid_json") from None
+
+
+_CHECKS = {  # JSON types (bool is not a number); floats are finite already
+    "a 64-bit integer": lambda v: type(v) is int and -_INT_LIMIT <= v < _INT_LIMIT,
+    "a number": lambda v: type(v) is float or type(v) is int and -_INT_LIMIT <= v < _INT_LIMIT,
+    "true or false": lambda v: type(v) is bool,
+    "an object": lambda v: type(v) is dict,
+    "a string or a list of strings": lambda v: type(v) is str or type(v) is list and all(type(x) is str for x in v),
+}
+_SAMPLING = {"max_tokens": "a 64-bit integer", "max_completion_tokens": "a 64-bit integer", "temperature": "a number",
+             "top_p": "a number", "top_k": "a 64-bit integer", "min_p": "a number", "repetition_penalty": "a number",
+             "seed": "a 64-bit integer", "stop": "a string or a list of strings", "ignore_eos": "true or false"}
+
+
+def _typed(body: dict, name: str, what: str):
     value = body.get(name)
-    if value is not None and (not isinstance(value, types) or isinstance(value, bool) and bool not in types):
-        raise bad_request(f"{name} must be {what}, got {value!r}")
+    if value is not None and not _CHECKS[what](value):
+        raise bad_request(f"{name} must be {what}, got {_short(value)}")
     return value
 
 
 def parse_chat(raw: bytes, template: ChatTemplate, config: ServerConfig) -> tuple[GenerateRequest, list[MediaRef]]:
-    """The JSON body of ``/v1/chat/completions``; media stay ``MediaRef`` until the app resolves URLs."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"the body is not valid JSON: {exc}", "invalid_json") from None
+    """The JSON body of ``/v1/chat/completions``; media stay ``MediaRef`` until the app resolves URLs.
+
+    ``GenerateRequest.prompt`` is a list of segments (``str`` and ``MediaSlot``), the media in slot order."""
+    body = _loads(raw)
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "missing_messages")
-    if _typed(body, "n", (int,), "1") not in (None, 1):
+    if _typed(body, "n", "a 64-bit integer") not in (None, 1):
         raise bad_request("only n=1 is supported")
+    sentinel = secrets.token_hex(16)  # unguessable: no user text can contain it
     media: list[MediaRef] = []
     rendered = []
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in ROLES:
-            raise bad_request(f"each message needs a role in {list(ROLES)}, got {role!r}")
-        rendered.append(("system" if role == "developer" else role, _content(message.get("content"), role, media,
-                                                                              config)))
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad_request(f"each message needs a role in {list(ROLES)}, got {_short(role)}")
+        content = _content(message.get("content"), role, media, sentinel, config)
+        rendered.append(("system" if role == "developer" else role, content))
     check_media_counts(sum(m.kind == "image" for m in media), sum(m.kind == "video" for m in media), config)
-    stream = _typed(body, "stream", (bool,), "true or false") or False
-    options = _typed(body, "stream_options", (dict,), "an object") or {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    params = make_params(
-        max_tokens=config.default_max_tokens if max_tokens is None else max_tokens,
-        temperature=body.get("temperature"), top_p=body.get("top_p"), top_k=body.get("top_k"),
-        min_p=body.get("min_p"), repetition_penalty=body.get("repetition_penalty"), seed=body.get("seed"),
-        stop=body.get("stop"), ignore_eos=body.get("ignore_eos"),
-    )
+    stream = _typed(body, "stream", "true or false") or False
+    options = _typed(body, "stream_options", "an object") or {}
+    include_usage = _typed(options, "include_usage", "true or false") or False
+    values = {name: _typed(body, name, what) for name, what in _SAMPLING.items()}
+    max_tokens, legacy = values.pop("max_completion_tokens"), values.pop("max_tokens")
+    max_tokens = legacy if max_tokens is None else max_tokens
+    params = make_params(max_tokens=config.default_max_tokens if max_tokens is None else max_tokens, **values)
     try:
-        prompt = template.render(rendered)
+        text = template.render(rendered)
     except APIError:
         raise
     except Exception as exc:  # a template error is about these messages, not the server
-        raise bad_request(f"the chat template failed on these messages: {exc}", "template_error") from None
-    request = GenerateRequest(prompt, params=params, stream=stream,
-                              include_usage=bool(options.get("include_usage", False)))
-    return request, media
+        raise bad_request(f"the chat template failed on these messages: {str(exc)[:200]}", "template_error") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the messages contain a lone surrogate (such as \\ud800), which is not text") from None
+    segments, media = _segments(text, sentinel, media)
+    return GenerateRequest(segments, params=params, stream=stream, include_usage=include_usage), media

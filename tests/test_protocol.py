@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from samples.random_checkpoint import build_tokenizer
 from serve.chat import ChatTemplate, parse_chat
 from serve.protocol import APIError, ServerConfig, check_media_type, parse_form
+from tokenization import MediaSlot
 
 CONFIG = ServerConfig(max_images=2, max_videos=1, default_max_tokens=7, allowed_media_hosts=("media.example",))
 PLAIN = ChatTemplate(None)
@@ -69,14 +70,14 @@ def test_declared_media_types(content_type, kind, ok):
         assert _error(check_media_type, content_type, kind).status == 415
 
 
-def test_chat_parts_become_markers_and_data_urls_become_bytes():
+def test_chat_parts_become_media_slots_and_data_urls_become_bytes():
     png = b"\x89PNG fake bytes"
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     req, media = _chat({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}],
         "max_completion_tokens": 4, "temperature": 0, "stop": "x", "stream": True,
         "stream_options": {"include_usage": True}})
-    assert req.prompt == "<image>What is it?"  # one user message: the plain format is the content itself
+    assert req.prompt == [MediaSlot("image"), "What is it?"]  # one user message: the plain format is the content
     assert [(m.kind, m.data) for m in media] == [("image", png)]
     assert (req.params.max_tokens, req.params.temperature, req.params.stop) == (4, 0, ["x"])
     assert req.stream and req.include_usage
@@ -85,7 +86,7 @@ def test_chat_parts_become_markers_and_data_urls_become_bytes():
 def test_chat_plain_format_for_several_messages():
     req, _ = _chat({"messages": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Hi"},
                                  {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Shape?"}]})
-    assert req.prompt == "System: Be short.\nUser: Hi\nAssistant: Hello\nUser: Shape?"
+    assert req.prompt == ["System: Be short.\nUser: Hi\nAssistant: Hello\nUser: Shape?"]
     assert req.params.max_tokens == CONFIG.default_max_tokens
 
 
@@ -133,7 +134,7 @@ def test_chat_template_renders_as_transformers_does(tmp_path):
     assert ours.source is not None
     assert ours.render([(m["role"], m["content"]) for m in messages]) == expected
     req, _ = parse_chat(json.dumps({"messages": messages}).encode(), ours, CONFIG)
-    assert req.prompt == expected
+    assert req.prompt == [expected]  # "<image>" typed in the text stays text
 
 
 def test_chat_template_errors_are_400():
