@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,14 @@ def video_rows(frames: torch.Tensor | np.ndarray, cfg: Gemma4MediaConfig,
     return _cells(_resized(_channels_first(frames), cfg, budget), cfg.cell_size)
 
 
+def frame_tokens(height: int, width: int, cfg: Gemma4MediaConfig, max_soft_tokens: int | None = None,
+                 video: bool = True) -> int:
+    """Soft tokens of one image / video frame of this size (no pixels needed)."""
+    budget = check_soft_tokens(max_soft_tokens or (cfg.video_max_soft_tokens if video else cfg.max_soft_tokens))
+    h, w = target_size(height, width, cfg.patch_size, budget * cfg.pooling_kernel_size ** 2, cfg.pooling_kernel_size)
+    return (h // cfg.cell_size) * (w // cfg.cell_size)
+
+
 def normalize_rows(rows_u8: torch.Tensor, norm: PatchConfig, dtype=torch.float32) -> torch.Tensor:
     """uint8 [N, D] -> float [N, D], the processor's ``pixel_values`` (``cfg.image_norm`` / ``cfg.video_norm``)."""
     return normalize_patches(rows_u8, norm, dtype)
@@ -223,8 +232,11 @@ def _stream_rate(reader: VideoReader) -> tuple[int, float]:
 
 
 def load_video_frames(src: MediaSource, cfg: Gemma4MediaConfig, limits: MediaLimits | None = None,
-                      decoder_threads: int = 1) -> SampledVideo:
-    """Decode the frames ``Gemma4UnifiedVideoProcessor`` samples, through ``encoders.video.VideoReader``."""
+                      decoder_threads: int = 1, before_decode: Callable[[int, int, int], None] | None = None
+                      ) -> SampledVideo:
+    """Decode the frames ``Gemma4UnifiedVideoProcessor`` samples, through ``encoders.video.VideoReader``.
+
+    ``before_decode(num_frames, height, width)`` runs on the header (stored size, before rotation)."""
     limits = limits or MediaLimits()
     with VideoReader(src, VideoSampling(num_frames=1, max_frames=1, decoder_threads=decoder_threads),
                      limits) as reader:
@@ -232,6 +244,8 @@ def load_video_frames(src: MediaSource, cfg: Gemma4MediaConfig, limits: MediaLim
         indices = sample_frame_indices(total, rate, cfg.video_num_frames, cfg.video_fps)
         if len(indices) > limits.max_video_frames:
             raise MediaError(f"asked for {len(indices)} frames of a video; the limit is {limits.max_video_frames}")
+        if before_decode is not None:
+            before_decode(len(indices), reader.height, reader.width)
         reader.times_s = [(i + 0.5) / rate for i in indices]  # mid-frame: the frame shown then is frame i
         video = reader.decode()
     return SampledVideo(video.frames, [i / rate for i in indices], indices, rate)

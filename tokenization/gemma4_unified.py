@@ -1,25 +1,28 @@
-"""Text with media markers + media -> one Gemma 4 Unified token stream, as ``Gemma4UnifiedProcessor`` lays it out.
+"""A prompt + media -> one Gemma 4 Unified token stream, as ``Gemma4UnifiedProcessor`` lays it out.
 
 Layout (the processor's text expansion, then its tokenizer on the whole string):
 - An image is ``<|image>`` + one ``<|image|>`` per soft-token row + ``<image|>``.
 - A video is its sampled frames joined by a space, each ``"mm:ss "`` + ``<|image>`` + one ``<|video|>``
-  per row + ``<image|>`` (the soft tokens of a frame are ``<|video|>``, not ``<|image|>``; ``mm:ss`` is
-  ``int(t // 60):02d`` / ``int(t % 60):02d`` of ``frame_index / fps``).
+  per row + ``<image|>`` (a frame's soft tokens are ``<|video|>``, not ``<|image|>``; ``mm:ss`` is
+  ``int(t // 60):02d:int(t % 60):02d`` of ``frame_index / fps``).
 - Audio is ``<|audio>`` + one ``<|audio|>`` per ``audio_samples_per_token`` samples + ``<audio|>``.
-- Markers: ours (``<image>`` / ``<video>`` / ``<audio>``) and the family's own placeholders that its chat
-  template writes (``<|image|>`` / ``<|video|>`` / ``<|audio|>``) both mark where each item goes, in order.
-  With no marker at all, images then videos go first, joined by a space (the processor's rule for a
-  prompt with no text), the text follows directly (the chat template's inline ``<|image|>``), and
-  audio goes after the text (the model card's order). The processor itself raises for text that has
-  no placeholder; for an empty text ours equals it.
-- ``<bos>`` (the tokenizer's post-processor prefix) comes first unless the text already starts with it,
-  as ``Gemma4UnifiedProcessor.apply_chat_template`` does.
-Text between special tokens is encoded as one piece (timestamps merge with the text around them), so
-the ids equal the tokenizer's on the expanded string.
+- A ``str`` prompt: our markers (``<image>`` / ``<video>`` / ``<audio>``) and the family's placeholders
+  that its chat template writes (``<|image|>`` / ``<|video|>`` / ``<|audio|>``) both mark where each item
+  goes, in order. With no marker at all, images then videos go first, joined by a space (the processor's
+  rule for a prompt without text), the text follows directly (the chat template's inline ``<|image|>``),
+  and audio follows the text (the model card's order); the processor itself raises for text without
+  placeholders. A segmented prompt (``str`` pieces never parsed, ``MediaSlot`` / ``AudioSlot``) places
+  media explicitly; its text may not contain the placeholders.
+- ``<bos>`` (the tokenizer's post-processor prefix) comes first unless the text already starts with it, as
+  ``Gemma4UnifiedProcessor.apply_chat_template`` does.
+Text between special tokens is encoded as one piece (timestamps merge with the text around them), so the
+ids equal the tokenizer's on the expanded string.
 
-``mm_token_type_ids``: 1 for ``<|image|>``, 2 for ``<|video|>``, 3 for ``<|audio|>``, else 0. With
-``use_bidirectional_attention="vision"`` each maximal run of types 1/2 attends both ways: one image, or one
-video frame (frames are split by ``<image|>`` + timestamp + ``<|image>``); audio stays causal.
+``token_types`` (``mm_token_type_ids``): 1 ``<|image|>``, 2 ``<|video|>``, 3 ``<|audio|>``, else 0. With
+``use_bidirectional_attention="vision"`` each maximal run of types 1/2 attends both ways
+(``bidirectional_spans``): one image, or one video frame (split by ``<image|>`` timestamp ``<|image>``).
+``MediaSpan.content_hash``: SHA-256 over the item's uint8 rows, grids and (x, y) ids (timestamps of a
+video, float32 samples of audio).
 """
 from __future__ import annotations
 
@@ -27,25 +30,35 @@ import hashlib
 import json
 import re
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer
 
-from encoders import DecodedVideo, MediaLimits, decode_array
+from encoders import DecodedVideo, MediaLimits, VideoSampling, decode_array
 from encoders.audio import AudioLimits, load_audio
-from encoders.gemma4_unified import (Gemma4MediaConfig, SampledVideo, SoftTokenRows, audio_rows, image_rows,
-                                     load_video_frames, video_rows)
-from tokenization.interleave import MediaSpan, Prompt, _as_list
+from encoders.gemma4_unified import (Gemma4MediaConfig, SampledVideo, SoftTokenRows, audio_rows, frame_tokens,
+                                     image_rows, load_video_frames, video_rows)
+from tokenization.interleave import MediaSlot, MediaSpan, Prompt
 
 _NAMED = {"bos": "<bos>", "image": "<|image|>", "boi": "<|image>", "eoi": "<image|>", "video": "<|video|>",
           "audio": "<|audio|>", "boa": "<|audio>", "eoa": "<audio|>"}
 MARKERS = {"image": ("<image>", "<|image|>"), "video": ("<video>", "<|video|>"), "audio": ("<audio>", "<|audio|>")}
 _KIND_OF = {m: kind for kind, ms in MARKERS.items() for m in ms}
 _MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in _KIND_OF) + ")")
-TOKEN_TYPES = {"image": 1, "video": 2, "audio": 3}
+_TYPES = {"image": 1, "video": 2, "audio": 3}
+_SINGLE = (str, bytes, bytearray, Path, Image.Image, np.ndarray, torch.Tensor, DecodedVideo, SampledVideo)
+
+
+@dataclass(frozen=True)
+class AudioSlot:
+    """Where the next audio goes in a segmented prompt (``MediaSlot`` holds images and videos only)."""
+
+    kind: str = "audio"
 
 
 def timestamp_text(seconds: float) -> str:
@@ -54,14 +67,13 @@ def timestamp_text(seconds: float) -> str:
 
 @dataclass
 class Gemma4Prompt(Prompt):
-    """``Prompt`` (``patches``: uint8 vision rows, images and video frames, one per soft token) plus what
-    Gemma needs."""
+    """``Prompt`` (``patches``: uint8 rows of images and video frames, one per soft token) plus Gemma's extras."""
 
     row_position_ids: torch.Tensor  # int64 [num_image_tokens, 2]: (x, y) of each row of ``patches``
     bidirectional_spans: list[tuple[int, int]]  # [start, end) token runs attending both ways
     audio_rows: torch.Tensor  # float32 [num_audio_tokens, audio_samples_per_token]
     audio_positions: list[int]  # indices of the <|audio|> ids in token_ids
-    token_types: list[int] = field(default_factory=list)  # mm_token_type_ids of token_ids
+    token_types: list[int]  # mm_token_type_ids of token_ids
 
     @property
     def num_audio_tokens(self) -> int:
@@ -75,6 +87,10 @@ class Gemma4Item:
     vision: list[SoftTokenRows]
     audio: torch.Tensor | None
     content_hash: str
+
+    @property
+    def num_ids(self) -> int:
+        return sum(len(p) for p in self.parts if isinstance(p, list))
 
 
 class SpecialTokens:
@@ -94,11 +110,39 @@ class SpecialTokens:
         names = {}
         for key in ("bos", "image", "boi", "eoi", "audio", "boa", "eoa"):
             value = config.get(f"{key}_token")
-            if isinstance(value, dict):
-                value = value.get("content")
+            value = value.get("content") if isinstance(value, dict) else value
             if value:
                 names[key] = value
         return cls(tokenizer, names)
+
+
+def _as_list(media) -> list:
+    if media is None:
+        return []
+    return [media] if isinstance(media, _SINGLE) or hasattr(media, "read") else list(media)
+
+
+def to_segments(prompt: str | Sequence, counts: dict[str, int]) -> list:
+    """``str`` and slot (``.kind``) segments without empty text; the number of slots per kind checked."""
+    if isinstance(prompt, str):
+        pieces = _MARKER_RE.split(prompt)  # text, marker, text, ..., text
+        if len(pieces) == 1:
+            pieces = _MARKER_RE.split(" ".join([MARKERS["image"][0]] * counts["image"] + [MARKERS["video"][0]]
+                                               * counts["video"]) + prompt + " ".join([MARKERS["audio"][0]] * counts["audio"]))
+        segments = [(MediaSlot(_KIND_OF[p]) if _KIND_OF[p] != "audio" else AudioSlot()) if i % 2 else p
+                    for i, p in enumerate(pieces) if p]
+    else:
+        segments = [s for s in prompt if s != ""]
+        bad = [s for s in segments if not isinstance(s, str) and getattr(s, "kind", None) not in _TYPES]
+        if bad:
+            raise ValueError(f"a prompt is text or a sequence of str, MediaSlot and AudioSlot segments, "
+                             f"got a {type(bad[0]).__name__}")
+    for kind, count in counts.items():
+        num_slots = sum(not isinstance(s, str) and s.kind == kind for s in segments)
+        if num_slots != count:
+            raise ValueError(f"the prompt has {num_slots} {kind} marker(s) or slot(s) but {count} {kind}(s) were "
+                             f"given; use one {MARKERS[kind][0]} per {kind}, or no markers at all")
+    return segments
 
 
 def _hash(kind: str, vision: list[SoftTokenRows], audio: torch.Tensor | None, extra: str = "") -> str:
@@ -117,17 +161,22 @@ class Gemma4UnifiedLayout:
     """Thread-safe: no state changes after construction (the tokenizer is reentrant)."""
 
     def __init__(self, tokenizer: Tokenizer, media_config: Gemma4MediaConfig, special: SpecialTokens | None = None,
-                 limits: MediaLimits | None = None, audio_limits: AudioLimits | None = None):
+                 limits: MediaLimits | None = None, video_sampling: VideoSampling | None = None,
+                 max_prompt_tokens: int | None = None, audio_limits: AudioLimits | None = None):
+        """``video_sampling``: only its ``decoder_threads`` is used; which frames comes from the checkpoint."""
+        if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or
+                                              not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+            raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
         self.tokenizer, self.media_config = tokenizer, media_config
         self.special = special or SpecialTokens(tokenizer)
         self.limits, self.audio_limits = limits or MediaLimits(), audio_limits or AudioLimits()
-        ids = self.special.ids
+        self.decoder_threads = (video_sampling or VideoSampling()).decoder_threads
+        self.max_prompt_tokens = max_prompt_tokens
         plain = tokenizer.encode("a", add_special_tokens=False).ids
         full = tokenizer.encode("a", add_special_tokens=True).ids
         self.prefix_ids = full[: len(full) - len(plain)]  # [<bos>] for Gemma's post-processor
         assert full[len(self.prefix_ids):] == plain, "post-processor suffixes are not supported"
-        self.vision_ids = {ids["image"]: "image", ids["video"]: "video"}
-        self.soft_types = {ids["image"]: 1, ids["video"]: 2, ids["audio"]: 3}
+        self.soft_types = {self.special.ids[kind]: t for kind, t in _TYPES.items()}
 
     @classmethod
     def from_pretrained(cls, folder, **kw) -> Gemma4UnifiedLayout:
@@ -140,6 +189,12 @@ class Gemma4UnifiedLayout:
         return cls(tokenizer, Gemma4MediaConfig.from_pretrained(folder), SpecialTokens.from_config(tokenizer, config),
                    **kw)
 
+    def _check_len(self, num_tokens: int) -> None:
+        if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
+            raise ValueError(f"the prompt would be at least {num_tokens} tokens; the model's context "
+                             f"(max_model_len) is {self.max_prompt_tokens}: shorten the text or send fewer or "
+                             "smaller images/videos/audio")
+
     def _wrapped(self, rows: SoftTokenRows, kind: str) -> list[int]:
         ids = self.special.ids
         return [ids["boi"]] + [ids[kind]] * rows.num_tokens + [ids["eoi"]]
@@ -149,10 +204,15 @@ class Gemma4UnifiedLayout:
         rows = image_rows(decode_array(src, self.limits), self.media_config, max_soft_tokens)
         return Gemma4Item("image", [self._wrapped(rows, "image")], [rows], None, _hash("image", [rows], None))
 
-    def video_item(self, src, max_soft_tokens: int | None = None) -> Gemma4Item:
-        """``src``: path, bytes, file object, or frames already sampled (``SampledVideo`` / ``DecodedVideo``)."""
+    def video_item(self, src, max_soft_tokens: int | None = None, num_tokens_before: int = 0) -> Gemma4Item:
+        """``src``: path, bytes, file object, or frames already sampled (``SampledVideo`` / ``DecodedVideo``).
+        With a limit, the prompt is checked from the header (both orientations) before decoding."""
         if not isinstance(src, (SampledVideo, DecodedVideo)):
-            src = load_video_frames(src, self.media_config, self.limits)
+            def check(num_frames: int, height: int, width: int) -> None:
+                per_frame = min(frame_tokens(height, width, self.media_config, max_soft_tokens),
+                                frame_tokens(width, height, self.media_config, max_soft_tokens))
+                self._check_len(num_tokens_before + num_frames * (per_frame + 3))  # + boi, eoi, a timestamp id
+            src = load_video_frames(src, self.media_config, self.limits, self.decoder_threads, check)
         frames = video_rows(src.frames, self.media_config, max_soft_tokens)
         stamps = [timestamp_text(t) for t in src.timestamps_s]
         parts: list = []
@@ -161,54 +221,47 @@ class Gemma4UnifiedLayout:
         return Gemma4Item("video", parts, frames, None, _hash("video", frames, None, ",".join(stamps)))
 
     def audio_item(self, src) -> Gemma4Item:
-        """``src``: path, bytes or file object (decoded and resampled), or a mono float waveform at the
-        checkpoint's sampling rate."""
-        if isinstance(src, (np.ndarray, torch.Tensor)):
-            wave = src
-        else:
-            wave = load_audio(src, self.media_config.sampling_rate, self.audio_limits)
+        """``src``: path, bytes or file object (decoded, resampled), or a mono float waveform at the model's rate."""
+        wave = src if isinstance(src, (np.ndarray, torch.Tensor)) else load_audio(
+            src, self.media_config.sampling_rate, self.audio_limits)
         rows = audio_rows(wave, self.media_config)
         ids = self.special.ids
         part = [ids["boa"]] + [ids["audio"]] * rows.shape[0] + [ids["eoa"]]
         return Gemma4Item("audio", [part], [], rows, _hash("audio", [], rows))
 
-    def _pieces(self, text: str, counts: dict[str, int]) -> list[str]:
-        pieces = [p for p in _MARKER_RE.split(text)]  # text, marker, text, ..., text
-        markers = [_KIND_OF[m] for m in pieces[1::2]]
-        if not markers:
-            lead = " ".join([MARKERS["image"][0]] * counts["image"] + [MARKERS["video"][0]] * counts["video"])
-            tail = " ".join([MARKERS["audio"][0]] * counts["audio"])
-            return [p for p in _MARKER_RE.split(lead + text + tail) if p]
-        for kind, count in counts.items():
-            if markers.count(kind) != count:
-                raise ValueError(f"the prompt has {markers.count(kind)} {kind} marker(s) but {count} {kind}(s) "
-                                 f"were given; use one {MARKERS[kind][0]} per {kind}, or no markers at all")
-        return [p for p in pieces if p]
-
-    def build(self, text: str, images=(), videos=(), audios=(), *, max_soft_tokens: int | None = None,
+    def build(self, prompt: str | Sequence, images=(), videos=(), audios=(), *, max_soft_tokens: int | None = None,
               video_max_soft_tokens: int | None = None) -> Gemma4Prompt:
         """Decode, cut and lay out; ``max_soft_tokens`` is the per-image budget (70/140/280/560/1120)."""
-        videos = [videos] if isinstance(videos, SampledVideo) else videos
         audios = [audios] if isinstance(audios, np.ndarray) and audios.ndim == 1 else audios
         queues = {"image": _as_list(images), "video": _as_list(videos), "audio": _as_list(audios)}
-        pieces = self._pieces(text, {k: len(v) for k, v in queues.items()})
+        segments = to_segments(prompt, {k: len(v) for k, v in queues.items()})
+        texts = [s for s in segments if isinstance(s, str)]
+        if not isinstance(prompt, str) and any(m in t for t in texts for m in _KIND_OF if m.startswith("<|")):
+            raise ValueError("text segments must not contain <|image|>, <|video|> or <|audio|>; place media "
+                             "with slots")
+        num_tokens = len(self.prefix_ids) + sum(len(self.tokenizer.encode(t, add_special_tokens=False).ids)
+                                                for t in texts)
+        self._check_len(num_tokens)  # text first: it bounds the prompt before any media is decoded
         iters = {k: iter(v) for k, v in queues.items()}
-        parts: list = []  # str | list[int]
+        parts: list = []  # str | (item index, list[int])
         items: list[Gemma4Item] = []
-        for piece in pieces:
-            kind = _KIND_OF.get(piece)
-            if kind is None:
-                parts.append(piece)
+        for seg in segments:
+            if isinstance(seg, str):
+                parts.append(seg)
                 continue
-            src = next(iters[kind])
-            item = (self.image_item(src, max_soft_tokens) if kind == "image" else
-                    self.video_item(src, video_max_soft_tokens) if kind == "video" else self.audio_item(src))
+            src = next(iters[seg.kind])
+            item = (self.image_item(src, max_soft_tokens) if seg.kind == "image" else
+                    self.video_item(src, video_max_soft_tokens, num_tokens) if seg.kind == "video" else
+                    self.audio_item(src))
+            num_tokens += item.num_ids
+            self._check_len(num_tokens)
             items.append(item)
             parts += [(len(items) - 1, p) if isinstance(p, list) else p for p in item.parts]
-        return self._assemble(parts, items, starts_with_bos=text.startswith(self.special.text["bos"]))
+        bos = isinstance(segments[0], str) and segments[0].startswith(self.special.text["bos"]) if segments else False
+        return self._assemble(parts, items, with_prefix=not bos)
 
-    def _assemble(self, parts: list, items: list[Gemma4Item], starts_with_bos: bool) -> Gemma4Prompt:
-        ids: list[int] = [] if starts_with_bos else list(self.prefix_ids)
+    def _assemble(self, parts: list, items: list[Gemma4Item], with_prefix: bool) -> Gemma4Prompt:
+        ids: list[int] = list(self.prefix_ids) if with_prefix else []
         spans: dict[int, list[int]] = {}  # item -> [start, end)
         pending = ""
         for part in parts + [None]:
@@ -224,8 +277,7 @@ class Gemma4UnifiedLayout:
                 ids += media_ids
         types = [0] * len(ids)
         for start, end in spans.values():
-            for i in range(start, end):
-                types[i] = self.soft_types.get(ids[i], 0)
+            types[start:end] = [self.soft_types.get(t, 0) for t in ids[start:end]]
         vision_pos = [i for i, t in enumerate(types) if t in (1, 2)]
         runs: list[tuple[int, int]] = []
         for i in vision_pos:
@@ -234,14 +286,14 @@ class Gemma4UnifiedLayout:
             else:
                 runs.append((i, i + 1))
         vision = [r for item in items for r in item.vision]
-        row_dim = self.media_config.row_dim
-        data = torch.cat([r.data for r in vision]) if vision else torch.empty((0, row_dim), dtype=torch.uint8)
+        cfg = self.media_config
+        data = torch.cat([r.data for r in vision]) if vision else torch.empty((0, cfg.row_dim), dtype=torch.uint8)
         pos = torch.cat([r.position_ids for r in vision]) if vision else torch.empty((0, 2), dtype=torch.int64)
         audio = [item.audio for item in items if item.audio is not None]
-        n = self.media_config.audio_samples_per_token
-        audio_data = torch.cat(audio) if audio else torch.empty((0, n), dtype=torch.float32)
-        media = [MediaSpan(spans[i][0], spans[i][1], item.content_hash, item.kind) for i, item in enumerate(items)]
+        audio_data = torch.cat(audio) if audio else torch.empty((0, cfg.audio_samples_per_token))
         assert len(vision_pos) == data.shape[0], (len(vision_pos), data.shape)
-        return Gemma4Prompt(token_ids=ids, patches=data, media=media, image_positions=vision_pos,
-                            row_position_ids=pos, bidirectional_spans=runs, audio_rows=audio_data,
-                            audio_positions=[i for i, t in enumerate(types) if t == 3], token_types=types)
+        return Gemma4Prompt(token_ids=ids, patches=data,
+                            media=[MediaSpan(*spans[i], item.content_hash, item.kind) for i, item in enumerate(items)],
+                            image_positions=vision_pos, row_position_ids=pos, bidirectional_spans=runs,
+                            audio_rows=audio_data, audio_positions=[i for i, t in enumerate(types) if t == 3],
+                            token_types=types)
