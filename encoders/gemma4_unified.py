@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as tvF
 
+from encoders.image import check_image_size, decode_array
 from encoders.limits import MediaError, MediaLimits, MediaSource
 from encoders.patchify import PatchConfig, normalize_patches
 from encoders.video import VideoReader, VideoSampling
@@ -157,6 +159,24 @@ def _resized(chw: torch.Tensor, cfg: Gemma4MediaConfig, max_soft_tokens: int) ->
     if (h, w) == (height, width):
         return chw
     return tvF.resize(chw, size=[h, w], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+
+
+def decode_image(src, limits: MediaLimits | None = None) -> np.ndarray | torch.Tensor:
+    """``encoders.decode_array``, except that an in-memory image with transparency (a PIL image with alpha, a
+    [H, W, 4] array) is composited onto white, as the processor's ``do_convert_rgb`` does; files keep the stored
+    colours, as transformers' ``load_image`` (``convert("RGB")``) does."""
+    limits = limits or MediaLimits()
+    if isinstance(src, Image.Image) and ("A" in src.getbands() or src.info.get("transparency") is not None):
+        check_image_size(src.width, src.height, limits)
+        rgba = ImageOps.exif_transpose(src).convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+    if isinstance(src, (np.ndarray, torch.Tensor)) and src.ndim == 3 and src.shape[-1] == 4 and src.dtype in (
+            np.uint8, torch.uint8):
+        check_image_size(src.shape[1], src.shape[0], limits)
+        x = tvF.to_dtype(torch.as_tensor(np.asarray(src)), torch.float32, scale=True)  # [H, W, 4]
+        return tvF.to_dtype(x[..., :3] * x[..., 3:] + (1 - x[..., 3:]), torch.uint8, scale=True)
+    return decode_array(src, limits)
 
 
 def _channels_first(frames: torch.Tensor | np.ndarray) -> torch.Tensor:

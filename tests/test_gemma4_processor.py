@@ -204,3 +204,19 @@ def test_segments_and_prompt_limit(gemma4_folder, gemma4_layout, clips, monkeypa
     monkeypatch.setattr(VideoReader, "decode", lambda *a, **k: pytest.fail("decoded a video over the limit"))
     with pytest.raises(ValueError, match="max_model_len"):
         limited.build("<video>", videos=[clips["10f@5fps"]])  # 10 frames of >= 1 token + 3: checked from the header
+
+
+def test_transparency_as_the_processor(gemma4_processor, gemma4_layout, tmp_path):
+    """In-memory images with alpha are composited onto white (``do_convert_rgb``); a file keeps its stored
+    colours, as transformers' ``load_image`` gives them to the processor."""
+    from transformers.image_utils import load_image
+
+    rgba = np.concatenate([sample_image(60, 90, 6), sample_image(60, 90, 7)[..., :1]], axis=-1)
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    for ours_src, ref_src, kw in ((Image.fromarray(rgba, "RGBA"), Image.fromarray(rgba, "RGBA"), {}),
+                                  (rgba, rgba, {"input_data_format": "channels_last"}),
+                                  (path, load_image(str(path)), {})):
+        ref = gemma4_processor(text="<|image|>", images=[ref_src], images_kwargs=kw, return_tensors="pt")
+        ours = gemma4_layout.build("<image>", images=[ours_src])
+        _assert_vision_equal(ours, ref["pixel_values"], ref["image_position_ids"], gemma4_layout.media_config.image_norm)

@@ -39,10 +39,10 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from encoders import DecodedVideo, MediaLimits, VideoSampling, decode_array
+from encoders import DecodedVideo, MediaLimits, VideoSampling
 from encoders.audio import AudioLimits, load_audio
-from encoders.gemma4_unified import (Gemma4MediaConfig, SampledVideo, SoftTokenRows, audio_rows, frame_tokens,
-                                     image_rows, load_video_frames, video_rows)
+from encoders.gemma4_unified import (Gemma4MediaConfig, SampledVideo, SoftTokenRows, audio_rows, decode_image,
+                                     frame_tokens, image_rows, load_video_frames, video_rows)
 from tokenization.interleave import MediaSlot, MediaSpan, Prompt
 
 _NAMED = {"bos": "<bos>", "image": "<|image|>", "boi": "<|image>", "eoi": "<image|>", "video": "<|video|>",
@@ -201,7 +201,7 @@ class Gemma4UnifiedLayout:
 
     def image_item(self, src, max_soft_tokens: int | None = None) -> Gemma4Item:
         """``src``: path, bytes, file object, PIL image, uint8 array or tensor."""
-        rows = image_rows(decode_array(src, self.limits), self.media_config, max_soft_tokens)
+        rows = image_rows(decode_image(src, self.limits), self.media_config, max_soft_tokens)
         return Gemma4Item("image", [self._wrapped(rows, "image")], [rows], None, _hash("image", [rows], None))
 
     def video_item(self, src, max_soft_tokens: int | None = None, num_tokens_before: int = 0) -> Gemma4Item:
