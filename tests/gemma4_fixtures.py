@@ -41,13 +41,13 @@ def sample_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def write_clip(path: Path, num_frames: int, fps: int, width: int = 200, height: int = 120,
-               audio_rate: int | None = None) -> Path:
-    """An H.264 mp4 whose frame i is recognisable (its red level and a moving green block); with
-    ``audio_rate``, an AAC stereo sine track too."""
+               audio_rate: int | None = None, codec: str = "libx264") -> Path:
+    """A clip (H.264 by default; the container from the suffix) whose frame i is recognisable (its red level and
+    a moving green block); with ``audio_rate``, an AAC stereo sine track too."""
     import av
 
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         audio = container.add_stream("aac", rate=audio_rate, layout="stereo") if audio_rate else None
         rng = np.random.default_rng(1)
@@ -72,12 +72,13 @@ def write_clip(path: Path, num_frames: int, fps: int, width: int = 200, height: 
 
 def all_frames(path: Path):
     """Every frame of the clip (what the reference samples from) and transformers' ``VideoMetadata`` for it,
-    read as transformers' PyAV reader reads it (frame count and average rate of the stream)."""
+    read as transformers' PyAV reader reads it (frame count and average rate of the stream; the decoded count
+    where the header has none, as in WebM)."""
     import av
     from transformers.video_utils import VideoMetadata
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
-        meta = VideoMetadata(total_num_frames=stream.frames, fps=float(stream.average_rate))
+        meta = VideoMetadata(total_num_frames=stream.frames or len(frames), fps=float(stream.average_rate))
     return frames, meta
