@@ -53,27 +53,29 @@ class Engine:
 
     # requests
 
-    def build_prompt(self, text, images=(), videos=()) -> Prompt:
-        """Decode, patchify and interleave (thread-safe: servers call it from a worker pool)."""
-        return self.front_end.build(text, images=images, videos=videos)
+    def build_prompt(self, text, images=(), videos=(), audios=(), **media_options) -> Prompt:
+        """Decode, patchify and interleave (thread-safe: servers call it from a worker pool). ``media_options``
+        are the family's (Gemma 4 Unified: ``max_soft_tokens``); others are a ValueError."""
+        return self.front_end.build(text, images=images, videos=videos, audios=audios, **media_options)
 
     def validate(self, prompt: Prompt, params: SamplingParams) -> None:
         """Raises ValueError for a request the engine would refuse."""
         if not prompt.token_ids:
             raise ValueError("the prompt is empty: give some text or media")
-        if prompt.num_image_tokens != prompt.patches.shape[0]:
-            raise ValueError(f"prompt has {prompt.num_image_tokens} image tokens but {prompt.patches.shape[0]} "
-                             "patch rows; build prompts with Engine.build_prompt")
+        num_audio_rows = 0 if prompt.audio_rows is None else prompt.audio_rows.shape[0]
+        if prompt.num_image_tokens != prompt.patches.shape[0] or prompt.num_audio_tokens != num_audio_rows:
+            raise ValueError(f"prompt has {prompt.num_image_tokens} image / {prompt.num_audio_tokens} audio tokens but "
+                             f"{prompt.patches.shape[0]} / {num_audio_rows} rows; build prompts with Engine.build_prompt")
         reason = self.scheduler.reject_reason(self._request("", prompt, params))
         if reason:
             raise ValueError(reason)
 
     def add_request(self, request_id: str, prompt: Prompt | str, params: SamplingParams | None = None,
-                    images=(), videos=()) -> None:
+                    images=(), videos=(), audios=()) -> None:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not isinstance(prompt, Prompt):
-            prompt = self.build_prompt(prompt, images, videos)
+            prompt = self.build_prompt(prompt, images, videos, audios)
         params = params or SamplingParams()
         self.validate(prompt, params)
         req = self._request(request_id, prompt, params)
@@ -87,7 +89,8 @@ class Engine:
     def _request(request_id: str, prompt: Prompt, params: SamplingParams) -> Request:
         return Request(request_id, list(prompt.token_ids), params,
                        media_spans=[(m.start, m.end, m.content_hash) for m in prompt.media],
-                       payload=prompt)  # the model runner reads its image positions and patch rows
+                       atomic_spans=list(prompt.bidirectional_spans),
+                       payload=prompt)  # the model runner reads its media rows
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its blocks; returns its final output (None if unknown or finished)."""
@@ -126,13 +129,21 @@ class Engine:
 
     @staticmethod
     def _chunk(req: Request, num_new: int, needs_logits: bool) -> SeqChunk:
+        """The request's tokens [start, end) with the media rows, 2-D positions and bidirectional runs in them."""
         start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
         prompt: Prompt = req.payload
-        lo = bisect.bisect_left(prompt.image_positions, start)
-        hi = bisect.bisect_left(prompt.image_positions, end)
-        offsets = [p - start for p in prompt.image_positions[lo:hi]]
-        return SeqChunk(req.all_token_ids[start:end], start, req.block_ids,
-                        prompt.patches[lo:hi] if offsets else None, offsets, needs_logits=needs_logits)
+        lo, hi = bisect.bisect_left(prompt.image_positions, start), bisect.bisect_left(prompt.image_positions, end)
+        a_lo, a_hi = bisect.bisect_left(prompt.audio_positions, start), bisect.bisect_left(prompt.audio_positions, end)
+        positions = prompt.row_position_ids
+        return SeqChunk(
+            req.all_token_ids[start:end], start, req.block_ids,
+            patches=prompt.patches[lo:hi] if hi > lo else None,
+            image_offsets=[p - start for p in prompt.image_positions[lo:hi]],
+            row_position_ids=positions[lo:hi] if positions is not None and hi > lo else None,
+            audio_rows=prompt.audio_rows[a_lo:a_hi] if a_hi > a_lo else None,
+            audio_offsets=[p - start for p in prompt.audio_positions[a_lo:a_hi]],
+            runs=[(s, e) for s, e in prompt.bidirectional_spans if s < end and e > start],
+            needs_logits=needs_logits)
 
     def _postprocess(self, scheduled: SchedulerOutput, sampled: SamplerOutput | None) -> list[RequestOutput]:
         if scheduled.is_empty:

@@ -29,6 +29,8 @@ class SeqChunk:
     patches: torch.Tensor | None = None  # [P, row_dim] media rows for the placeholder tokens below, in order
     image_offsets: list[int] = field(default_factory=list)  # indices into token_ids of those placeholder tokens
     row_position_ids: torch.Tensor | None = None  # [P, 2] the rows' 2-D positions, for families that use them
+    audio_rows: torch.Tensor | None = None  # [A, samples_per_token] audio frames for the tokens below
+    audio_offsets: list[int] = field(default_factory=list)  # indices into token_ids of those audio tokens
     runs: list[tuple[int, int]] = field(default_factory=list)  # bidirectional media runs [start, end) in it
     needs_logits: bool = True  # False for a prefill chunk that does not end the prompt: nothing is sampled
 
@@ -134,7 +136,8 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         row_indices: list[int] = []
-        rows, row_positions = [], []
+        audio_indices: list[int] = []
+        rows, row_positions, audio_rows = [], [], []
         logits_indices: list[int] = []
         for chunk in chunks:
             base = len(ids)
@@ -147,15 +150,21 @@ class ModelRunner:
                 rows.append(chunk.patches)
                 if chunk.row_position_ids is not None:
                     row_positions.append(chunk.row_position_ids)
+            if chunk.audio_offsets:
+                audio_indices += [base + i for i in chunk.audio_offsets]
+                audio_rows.append(chunk.audio_rows)
         meta = AttentionMetadata.build(
             [len(c.token_ids) for c in chunks], [c.seq_len for c in chunks], [c.block_table for c in chunks],
             self.block_size, self.device, runs=[c.runs for c in chunks])
         media = None
-        if rows:
+        if rows or audio_rows:
+            device = self.device
             media = StepMedia(
-                rows=torch.cat(rows).to(self.device, non_blocking=True),
-                indices=torch.tensor(row_indices, dtype=torch.long, device=self.device),
-                position_ids=torch.cat(row_positions).to(self.device) if row_positions else None)
+                rows=torch.cat(rows).to(device, non_blocking=True) if rows else torch.empty(0, 0, device=device),
+                indices=torch.tensor(row_indices, dtype=torch.long, device=device),
+                position_ids=torch.cat(row_positions).to(device) if row_positions else None,
+                audio_rows=torch.cat(audio_rows).to(device) if audio_rows else None,
+                audio_indices=torch.tensor(audio_indices, dtype=torch.long, device=device) if audio_rows else None)
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True),
             positions=torch.tensor(positions, dtype=torch.long).to(self.device, non_blocking=True),

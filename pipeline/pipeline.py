@@ -32,10 +32,11 @@ class Pipeline:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def __call__(self, prompt: str | Prompt, images: Sequence = (), videos: Sequence = (),
+    def __call__(self, prompt: str | Prompt, images: Sequence = (), videos: Sequence = (), audios: Sequence = (),
                  sampling_params: SamplingParams | None = None, **sampling: Any) -> RequestOutput:
         params = _params(sampling_params, sampling)
-        return self.generate([{"prompt": prompt, "images": images or (), "videos": videos or ()}], params)[0]
+        return self.generate([{"prompt": prompt, "images": images or (), "videos": videos or (),
+                               "audios": audios or ()}], params)[0]
 
     def generate(self, requests: Sequence[dict | str | Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -62,11 +63,11 @@ class Pipeline:
                     self.engine.abort(request_id)
         return [results[request_id] for request_id in ids]
 
-    def stream(self, prompt: str | Prompt, images: Sequence = (), videos: Sequence = (),
+    def stream(self, prompt: str | Prompt, images: Sequence = (), videos: Sequence = (), audios: Sequence = (),
                sampling_params: SamplingParams | None = None, **sampling: Any) -> Iterator[StreamChunk]:
         """Yields the new text as it is generated; closing the iterator early aborts the request."""
-        request_id = self._add(self._prompt({"prompt": prompt, "images": images or (), "videos": videos or ()}),
-                               _params(sampling_params, sampling))
+        request = {"prompt": prompt, "images": images or (), "videos": videos or (), "audios": audios or ()}
+        request_id = self._add(self._prompt(request), _params(sampling_params, sampling))
         finished = False
         try:
             while not finished:
@@ -82,13 +83,14 @@ class Pipeline:
     def _prompt(self, request: dict | str | Prompt) -> Prompt:
         if isinstance(request, (str, Prompt)):
             request = {"prompt": request}
-        unknown = set(request) - {"prompt", "images", "videos"}
+        unknown = set(request) - {"prompt", "images", "videos", "audios", "media_options"}
         if unknown or "prompt" not in request:
-            raise ValueError(f"a request is a dict with 'prompt' and optional 'images' / 'videos'; got keys "
-                             f"{sorted(request)}")
+            raise ValueError(f"a request is a dict with 'prompt' and optional 'images' / 'videos' / 'audios' / "
+                             f"'media_options'; got keys {sorted(request)}")
         if isinstance(request["prompt"], Prompt):
             return request["prompt"]
-        return self.engine.build_prompt(request["prompt"], request.get("images", ()), request.get("videos", ()))
+        return self.engine.build_prompt(request["prompt"], request.get("images", ()), request.get("videos", ()),
+                                        request.get("audios", ()), **request.get("media_options", {}))
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:
         request_id = f"pipe-{next(self._ids)}"

@@ -194,10 +194,9 @@ def test_image_and_video_together(gemma4_processor, gemma4_layout, clips):
 def test_segments_and_prompt_limit(gemma4_folder, gemma4_layout, clips, monkeypatch):
     from encoders.video import VideoReader
     from tokenization import MediaSlot
-    from tokenization.gemma4_unified import AudioSlot
 
     img, wave = sample_image(64, 64), np.zeros(1500, np.float32)
-    segmented = gemma4_layout.build(["What is ", MediaSlot("image"), " and ", AudioSlot(), "?"], images=[img],
+    segmented = gemma4_layout.build(["What is ", MediaSlot("image"), " and ", MediaSlot("audio"), "?"], images=[img],
                                     audios=[wave])
     assert segmented.token_ids == gemma4_layout.build("What is <image> and <audio>?", images=img, audios=wave).token_ids
     with pytest.raises(ValueError, match="must not contain"):

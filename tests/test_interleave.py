@@ -239,4 +239,6 @@ def test_bad_segments(interleaver):
     with pytest.raises(ValueError, match="must not contain"):
         interleaver.build(["sneaky |SPEAKER|"])
     with pytest.raises(ValueError, match="MediaSlot.kind"):
-        MediaSlot("audio")
+        MediaSlot("sound")
+    with pytest.raises(ValueError, match="not audio"):
+        interleaver.build(["hear ", MediaSlot("audio")])

@@ -11,7 +11,7 @@ Layout (the processor's text expansion, then its tokenizer on the whole string):
   goes, in order. With no marker at all, images then videos go first, joined by a space (the processor's
   rule for a prompt without text), the text follows directly (the chat template's inline ``<|image|>``),
   and audio follows the text (the model card's order); the processor itself raises for text without
-  placeholders. A segmented prompt (``str`` pieces never parsed, ``MediaSlot`` / ``AudioSlot``) places
+  placeholders. A segmented prompt (``str`` pieces never parsed, ``MediaSlot``s) places
   media explicitly; its text may not contain the placeholders.
 - ``<bos>`` (the tokenizer's post-processor prefix) comes first unless the text already starts with it, as
   ``Gemma4UnifiedProcessor.apply_chat_template`` does.
@@ -31,7 +31,7 @@ import json
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,30 +54,16 @@ _TYPES = {"image": 1, "video": 2, "audio": 3}
 _SINGLE = (str, bytes, bytearray, Path, Image.Image, np.ndarray, torch.Tensor, DecodedVideo, SampledVideo)
 
 
-@dataclass(frozen=True)
-class AudioSlot:
-    """Where the next audio goes in a segmented prompt (``MediaSlot`` holds images and videos only)."""
-
-    kind: str = "audio"
-
-
 def timestamp_text(seconds: float) -> str:
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
 
 
 @dataclass
 class Gemma4Prompt(Prompt):
-    """``Prompt`` (``patches``: uint8 rows of images and video frames, one per soft token) plus Gemma's extras."""
+    """``Prompt`` (``patches``: uint8 rows of images and video frames, one per soft token; ``row_position_ids``,
+    ``bidirectional_spans``, ``audio_rows`` filled) plus the processor's ``mm_token_type_ids``."""
 
-    row_position_ids: torch.Tensor  # int64 [num_image_tokens, 2]: (x, y) of each row of ``patches``
-    bidirectional_spans: list[tuple[int, int]]  # [start, end) token runs attending both ways
-    audio_rows: torch.Tensor  # float32 [num_audio_tokens, audio_samples_per_token]
-    audio_positions: list[int]  # indices of the <|audio|> ids in token_ids
-    token_types: list[int]  # mm_token_type_ids of token_ids
-
-    @property
-    def num_audio_tokens(self) -> int:
-        return len(self.audio_positions)
+    token_types: list[int] = field(default_factory=list)  # mm_token_type_ids of token_ids
 
 
 @dataclass
@@ -129,13 +115,13 @@ def to_segments(prompt: str | Sequence, counts: dict[str, int]) -> list:
         if len(pieces) == 1:
             pieces = _MARKER_RE.split(" ".join([MARKERS["image"][0]] * counts["image"] + [MARKERS["video"][0]]
                                                * counts["video"]) + prompt + " ".join([MARKERS["audio"][0]] * counts["audio"]))
-        segments = [(MediaSlot(_KIND_OF[p]) if _KIND_OF[p] != "audio" else AudioSlot()) if i % 2 else p
+        segments = [MediaSlot(_KIND_OF[p]) if i % 2 else p
                     for i, p in enumerate(pieces) if p]
     else:
         segments = [s for s in prompt if s != ""]
         bad = [s for s in segments if not isinstance(s, str) and getattr(s, "kind", None) not in _TYPES]
         if bad:
-            raise ValueError(f"a prompt is text or a sequence of str, MediaSlot and AudioSlot segments, "
+            raise ValueError(f"a prompt is text or a sequence of str and MediaSlot segments, "
                              f"got a {type(bad[0]).__name__}")
     for kind, count in counts.items():
         num_slots = sum(not isinstance(s, str) and s.kind == kind for s in segments)

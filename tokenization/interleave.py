@@ -23,7 +23,7 @@ import hashlib
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
@@ -43,13 +43,13 @@ _SINGLE = (str, bytes, bytearray, Path, Image.Image, np.ndarray, torch.Tensor, D
 
 @dataclass(frozen=True)
 class MediaSlot:
-    """Where the next image or video goes in a segmented prompt."""
+    """Where the next image, video or audio goes in a segmented prompt."""
 
-    kind: str  # "image" | "video"
+    kind: str  # "image" | "video" | "audio"
 
     def __post_init__(self):
-        if self.kind not in ("image", "video"):
-            raise ValueError(f"MediaSlot.kind must be 'image' or 'video', got {self.kind!r}")
+        if self.kind not in ("image", "video", "audio"):
+            raise ValueError(f"MediaSlot.kind must be 'image', 'video' or 'audio', got {self.kind!r}")
 
 
 Segment = Union[str, MediaSlot]
@@ -65,14 +65,24 @@ class MediaSpan:
 
 @dataclass
 class Prompt:
+    """One token stream and the raw rows its media placeholders stand for (the family's model embeds them)."""
+
     token_ids: list[int]
-    patches: torch.Tensor  # uint8 [num_image_tokens, p*p*3]: row i for the i-th image-placeholder id
+    patches: torch.Tensor  # uint8 [num_image_tokens, row_dim]: row i for the i-th vision-placeholder id
     media: list[MediaSpan]
-    image_positions: list[int]  # indices of the image-placeholder ids in token_ids
+    image_positions: list[int]  # indices of the vision-placeholder ids in token_ids
+    row_position_ids: torch.Tensor | None = None  # int64 [num_image_tokens, 2]: (x, y) of each row, if used
+    bidirectional_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) runs seen both ways
+    audio_rows: torch.Tensor | None = None  # float32 [num_audio_tokens, samples_per_token]
+    audio_positions: list[int] = field(default_factory=list)  # indices of the audio-placeholder ids
 
     @property
     def num_image_tokens(self) -> int:
         return len(self.image_positions)
+
+    @property
+    def num_audio_tokens(self) -> int:
+        return len(self.audio_positions)
 
 
 @dataclass
@@ -112,6 +122,8 @@ def to_segments(prompt: str | Sequence[Segment], num_images: int, num_videos: in
                              f"got a {type(bad[0]).__name__}")
         segments = [s for s in prompt if s != ""]
         what = {"image": "image slot", "video": "video slot"}
+        if any(isinstance(s, MediaSlot) and s.kind == "audio" for s in segments):
+            raise ValueError("this model takes images and videos, not audio")
     for kind, count in (("image", num_images), ("video", num_videos)):
         num_slots = sum(isinstance(s, MediaSlot) and s.kind == kind for s in segments)
         if num_slots != count:
@@ -173,8 +185,12 @@ class Interleaver:
         stamps = ",".join(f"{t:.6f}" for t in video.timestamps_s)
         return _Item("video", ids, [p.data for p in grids], _hash("video", grids, stamps))
 
-    def build(self, prompt: str | Sequence[Segment], images=(), videos=()) -> Prompt:
+    def build(self, prompt: str | Sequence[Segment], images=(), videos=(), audios=(), **options) -> Prompt:
         """Decode, patchify and interleave; media are paths, bytes, file objects, PIL images, arrays, tensors."""
+        if _as_list(audios):
+            raise ValueError("this model takes images and videos, not audio")
+        if options:
+            raise ValueError(f"{', '.join(sorted(options))}: not a media option of this model family")
         images, videos = _as_list(images), _as_list(videos)
         segments, marked = to_segments(prompt, len(images), len(videos))
         if any(isinstance(s, str) and (IMAGE_TOKEN in s or NEWLINE_TOKEN in s) for s in segments):

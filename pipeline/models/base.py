@@ -14,9 +14,11 @@ from pipeline.attention import PagedAttention
 class StepMedia:
     """The media rows of one step, for the positions their placeholder ids hold."""
 
-    rows: torch.Tensor  # [P, row_dim] raw rows as the front end made them (uint8 pixels); the model normalizes
+    rows: torch.Tensor  # [P, row_dim] raw vision rows as the front end made them (uint8); the model normalizes
     indices: torch.Tensor  # [P] int64: token index in the step of each row
     position_ids: torch.Tensor | None = None  # [P, 2] (x, y) for a 2-D position embedding, if the family has one
+    audio_rows: torch.Tensor | None = None  # [A, samples_per_token] float32 raw audio frames
+    audio_indices: torch.Tensor | None = None  # [A] int64: token index in the step of each audio frame
 
 
 class CausalLM(nn.Module, metaclass=ABCMeta):
