@@ -6,11 +6,16 @@ decodes (one query each) are sorted by length and cut into groups of at least fo
 sixteen groups), so a short sequence is not padded to the longest; its prefill chunks are grouped the
 same way by chunk length (queries padded within a group), and never share a group with decodes.
 No Python loop over sequences.
+
+Masks: key j is seen by the query at position i iff j < seq_len and either j <= i (and i - j < window on
+a sliding layer) or j lies in the query's bidirectional media run [run_start, run_end). A sliding layer
+gathers only the blocks from the lowest such j of the sequence's queries on, so its reads do not grow
+with the context.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +27,24 @@ _MAX_GROUPS = 16
 
 
 @dataclass
+class _View:
+    """What one kind of layer (full, or one sliding window) reads for a group."""
+
+    blocks: torch.Tensor  # [Bg * n] pool blocks, row-major per sequence
+    mask: torch.Tensor  # [Bg, 1, Q, n * block_size]
+
+
+@dataclass
 class _Group:
     tokens: torch.Tensor  # [Tg] indices of the group's tokens in the step
-    blocks: torch.Tensor  # [Bg * num_blocks] pool blocks, row-major per sequence
     q_index: tuple[torch.Tensor, torch.Tensor] | None  # (sequence, row) of each token in the padded queries
-    mask: torch.Tensor  # [Bg, 1, Q, S]
+    seq_lens: torch.Tensor  # [Bg]
+    tables: torch.Tensor  # [Bg, max_blocks] int64
+    q_pos: torch.Tensor  # [Bg, Q] position of each padded query row
+    runs: tuple[torch.Tensor, torch.Tensor] | None  # ([Bg, Q] run_start, run_end), None: all causal
     num_seqs: int
     max_query_len: int
+    views: dict[int | None, _View] = field(default_factory=dict)  # by sliding window (None: full attention)
 
 
 def _group(meta: AttentionMetadata, seqs: torch.Tensor) -> _Group:
@@ -36,14 +52,11 @@ def _group(meta: AttentionMetadata, seqs: torch.Tensor) -> _Group:
     device = meta.seq_lens.device
     cu = meta.cu_seqlens_q.long()
     starts, query_lens = cu[:-1][seqs], (cu[1:] - cu[:-1])[seqs]
-    seq_lens, tables = meta.seq_lens.long()[seqs], meta.block_tables[seqs]
+    seq_lens = meta.seq_lens.long()[seqs]
     num_seqs = seq_lens.numel()
     max_query_len = int(query_lens.max())
-    num_blocks = -(-int(seq_lens.max()) // meta.block_size)
-    key_pos = torch.arange(num_blocks * meta.block_size, device=device)
-    # causal over the cached prefix: query row i of a sequence sits at position seq_len - q_len + i
+    # query row r of a sequence sits at position seq_len - q_len + r
     q_pos = (seq_lens - query_lens)[:, None] + torch.arange(max_query_len, device=device)
-    mask = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < seq_lens[:, None, None])
     q_index, tokens = None, starts
     if max_query_len > 1:
         seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
@@ -52,8 +65,40 @@ def _group(meta: AttentionMetadata, seqs: torch.Tensor) -> _Group:
             query_lens.cumsum(0) - query_lens, query_lens)
         tokens = tokens + row
         q_index = (seq_of_token, row)
-    return _Group(tokens, tables[:, :num_blocks].reshape(-1).long(), q_index, mask[:, None], num_seqs,
-                  max_query_len)
+    runs = None
+    if meta.query_run_start is not None:
+        runs = (q_pos + 1, q_pos + 1)  # padding rows: no run
+        if q_index is None:
+            runs = (meta.query_run_start[tokens][:, None], meta.query_run_end[tokens][:, None])
+        else:
+            runs[0][q_index], runs[1][q_index] = meta.query_run_start[tokens], meta.query_run_end[tokens]
+    return _Group(tokens, q_index, seq_lens, meta.block_tables[seqs].long(), q_pos, runs, num_seqs, max_query_len)
+
+
+def _view(group: _Group, window: int | None, block_size: int) -> _View:
+    """The blocks a layer with this window reads for the group, and its mask."""
+    seq_lens, q_pos = group.seq_lens, group.q_pos
+    device = seq_lens.device
+    end_blocks = -(-seq_lens // block_size)  # [Bg]
+    first = torch.zeros_like(seq_lens)
+    if window is not None:
+        low = q_pos[:, 0] - window + 1  # the first query row reaches furthest back
+        if group.runs is not None:
+            low = torch.minimum(low, group.runs[0].min(dim=1).values)
+        first = low.clamp(min=0) // block_size
+    num_blocks = int((end_blocks - first).max())
+    block_idx = (first[:, None] + torch.arange(num_blocks, device=device)).clamp(max=group.tables.shape[1] - 1)
+    blocks = torch.gather(group.tables, 1, block_idx).reshape(-1)
+    key_pos = (first * block_size)[:, None, None] + torch.arange(num_blocks * block_size, device=device)  # [Bg,1,S]
+    qp = q_pos[:, :, None]  # [Bg, Q, 1]
+    seen = key_pos <= qp
+    if window is not None:
+        seen &= qp - key_pos < window
+    if group.runs is not None:
+        seen |= (key_pos >= group.runs[0][:, :, None]) & (key_pos < group.runs[1][:, :, None])
+    mask = seen & (key_pos < seq_lens[:, None, None])
+    mask |= ~mask.any(dim=-1, keepdim=True)  # padding query rows: anything, never read back
+    return _View(blocks, mask[:, None])
 
 
 def _split_by_length(seqs: list[int], length: list[int]) -> list[list[int]]:
@@ -97,20 +142,23 @@ class TorchBackend(AttentionBackend):
                        for part in _split_by_length(seqs, key)]
         meta.extra["torch"] = groups
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         for group in meta.extra["torch"]:
-            out[group.tokens] = self._attend(q[group.tokens], k_cache, v_cache, group, scale)
+            view = group.views.get(sliding_window)
+            if view is None:
+                view = group.views[sliding_window] = _view(group, sliding_window, meta.block_size)
+            out[group.tokens] = self._attend(q[group.tokens], k_cache, v_cache, group, view, scale)
         return out
 
-    def _attend(self, q, k_cache, v_cache, group: _Group, scale: float) -> torch.Tensor:
+    def _attend(self, q, k_cache, v_cache, group: _Group, view: _View, scale: float) -> torch.Tensor:
         """q [Tg, H, D] of one group -> [Tg, H, D]."""
         num_heads, head_dim = q.shape[1], q.shape[2]
         num_kv_heads = k_cache.shape[2]
-        gathered = (group.blocks.numel(), *k_cache.shape[1:])
-        keys = torch.index_select(k_cache, 0, group.blocks, out=self._buffer("k", gathered, k_cache))
-        values = torch.index_select(v_cache, 0, group.blocks, out=self._buffer("v", gathered, v_cache))
+        gathered = (view.blocks.numel(), *k_cache.shape[1:])
+        keys = torch.index_select(k_cache, 0, view.blocks, out=self._buffer("k", gathered, k_cache))
+        values = torch.index_select(v_cache, 0, view.blocks, out=self._buffer("v", gathered, v_cache))
         shape = (group.num_seqs, -1, num_kv_heads, head_dim)
         keys, values = keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)  # [Bg, Hkv, S, D]
         if group.q_index is None:
@@ -119,7 +167,7 @@ class TorchBackend(AttentionBackend):
             queries = q.new_zeros(group.num_seqs, group.max_query_len, num_heads, head_dim)
             queries[group.q_index] = q
         out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=group.mask, scale=scale,
+            queries.transpose(1, 2).to(keys.dtype), keys, values, attn_mask=view.mask, scale=scale,
             enable_gqa=num_heads != num_kv_heads,
         ).transpose(1, 2)  # [Bg, Q, H, D]
         out = out[:, 0] if group.q_index is None else out[group.q_index]
