@@ -161,6 +161,13 @@ def _resized(chw: torch.Tensor, cfg: Gemma4MediaConfig, max_soft_tokens: int) ->
     return tvF.resize(chw, size=[h, w], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
 
 
+def _bicubic(image_u8: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> [height, width, 3], the processors' resize (one frame equals the batched resize)."""
+    chw = torch.from_numpy(np.ascontiguousarray(image_u8.transpose(2, 0, 1)))
+    out = tvF.resize(chw, size=[height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    return out.permute(1, 2, 0).numpy()
+
+
 def decode_image(src, limits: MediaLimits | None = None) -> np.ndarray | torch.Tensor:
     """``encoders.decode_array``, except that an in-memory image with transparency (a PIL image with alpha, a
     [H, W, 4] array) is composited onto white, as the processor's ``do_convert_rgb`` does; files keep the stored
@@ -252,9 +259,10 @@ def _stream_rate(reader: VideoReader) -> tuple[int, float]:
 
 
 def load_video_frames(src: MediaSource, cfg: Gemma4MediaConfig, limits: MediaLimits | None = None,
-                      decoder_threads: int = 1, before_decode: Callable[[int, int, int], None] | None = None
-                      ) -> SampledVideo:
-    """Decode the frames ``Gemma4UnifiedVideoProcessor`` samples, through ``encoders.video.VideoReader``.
+                      decoder_threads: int = 1, before_decode: Callable[[int, int, int], None] | None = None,
+                      max_soft_tokens: int | None = None) -> SampledVideo:
+    """Decode the frames ``Gemma4UnifiedVideoProcessor`` samples, through ``encoders.video.VideoReader``, each
+    resized to the processor's size for the frame budget as it is decoded (no full-size stack is built).
 
     ``before_decode(num_frames, height, width)`` runs on the header (stored size, before rotation)."""
     limits = limits or MediaLimits()
@@ -266,8 +274,14 @@ def load_video_frames(src: MediaSource, cfg: Gemma4MediaConfig, limits: MediaLim
             raise MediaError(f"asked for {len(indices)} frames of a video; the limit is {limits.max_video_frames}")
         if before_decode is not None:
             before_decode(len(indices), reader.height, reader.width)
-        reader.times_s = [(i + 0.5) / rate for i in indices]  # mid-frame: the frame shown then is frame i
-        video = reader.decode()
+        budget = check_soft_tokens(max_soft_tokens or cfg.video_max_soft_tokens)
+
+        def frame_size(height: int, width: int) -> tuple[int, int]:  # the processor's size, reached while decoding
+            return target_size(height, width, cfg.patch_size, budget * cfg.pooling_kernel_size ** 2,
+                               cfg.pooling_kernel_size)
+
+        video = reader.decode(frame_size, times_s=[(i + 0.5) / rate for i in indices],  # mid-frame: frame i
+                              resizer=_bicubic)
     return SampledVideo(video.frames, [i / rate for i in indices], indices, rate)
 
 

@@ -155,7 +155,10 @@ def _check(container, stream, duration_s: float, limits: MediaLimits) -> None:
         raise MediaError("video has no frames (zero duration)")
 
 
-def _to_rgb(frame, frame_size: FrameSize | None, threads: int) -> torch.Tensor:
+Resize = Callable[[np.ndarray, int, int], np.ndarray]  # uint8 [H, W, 3], height, width -> uint8 [height, width, 3]
+
+
+def _to_rgb(frame, frame_size: FrameSize | None, threads: int, resizer: Resize = resize) -> torch.Tensor:
     rgb = frame.to_ndarray(format="rgb24", threads=threads)  # [H, W, 3]; swscale's threads (0 would be all cores)
     quarter_turns = round((frame.rotation or 0) / 90) % 4  # counterclockwise display rotation
     if quarter_turns:
@@ -165,7 +168,7 @@ def _to_rgb(frame, frame_size: FrameSize | None, threads: int) -> torch.Tensor:
     if h < 1 or w < 1:
         raise MediaError(f"video frames are {width}x{height} pixels, too thin: they would shrink to {w}x{h}")
     if (h, w) != (height, width):
-        rgb = resize(rgb, h, w)
+        rgb = resizer(rgb, h, w)
     return torch.from_numpy(np.ascontiguousarray(rgb))
 
 
@@ -253,18 +256,20 @@ class VideoReader:
     def num_frames(self) -> int:
         return len(self.times_s)
 
-    def decode(self, frame_size: FrameSize | None = None) -> DecodedVideo:
-        """The sampled frames, each resized to ``frame_size(height, width)`` (after rotation) as it is decoded."""
+    def decode(self, frame_size: FrameSize | None = None, times_s: list[float] | None = None,
+               resizer: Resize = resize) -> DecodedVideo:
+        """The frames shown at ``times_s`` (default: the sampling's), each resized by ``resizer`` to
+        ``frame_size(height, width)`` (after rotation) as it is decoded."""
         import av
 
         start, tb = self.stream.start_time or 0, self.stream.time_base
         sampler = _Sampler(self.container, self.stream)
         frames, stamps, prev, rgb = [], [], None, None
         try:
-            for t in self.times_s:
+            for t in self.times_s if times_s is None else times_s:
                 frame = sampler.frame_at(start + int(Fraction(t) / tb))
                 if frame is not prev:  # a frame shown at two sample times is converted once
-                    prev, rgb = frame, _to_rgb(frame, frame_size, self.sampling.decoder_threads)
+                    prev, rgb = frame, _to_rgb(frame, frame_size, self.sampling.decoder_threads, resizer)
                 frames.append(rgb)
                 stamps.append(round(float((frame.pts - start) * tb), 6))
         except av.FFmpegError as e:

@@ -198,7 +198,7 @@ class Gemma4UnifiedLayout:
                 per_frame = min(frame_tokens(height, width, self.media_config, max_soft_tokens),
                                 frame_tokens(width, height, self.media_config, max_soft_tokens))
                 self._check_len(num_tokens_before + num_frames * (per_frame + 3))  # + boi, eoi, a timestamp id
-            src = load_video_frames(src, self.media_config, self.limits, self.decoder_threads, check)
+            src = load_video_frames(src, self.media_config, self.limits, self.decoder_threads, check, max_soft_tokens)
         frames = video_rows(src.frames, self.media_config, max_soft_tokens)
         stamps = [timestamp_text(t) for t in src.timestamps_s]
         parts: list = []
