@@ -18,7 +18,7 @@ from pipeline.outputs import RequestOutput
 from pipeline.request import Request
 from pipeline.sampling import SamplerOutput, SamplingParams
 from pipeline.scheduler import Scheduler, SchedulerOutput
-from tokenization import Prompt
+from tokenization import Prompt, TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Engine:
         self.max_model_len = self.runner.max_model_len
         self.front_end = get_family(config.model).make_front_end(
             config.model, config.media_limits, config.video_sampling, max_prompt_tokens=self.max_model_len)
-        self.tokenizer = self.front_end.tokenizer
+        self.tokenizer = TextTokenizer.from_pretrained(config.model)
         self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,

@@ -1,6 +1,7 @@
-"""The checkpoint's tokenizer (``tokenizer.json`` via ``tokenizers``) and Fuyu's special ids."""
+"""The checkpoint's tokenizer (``tokenizer.json`` via ``tokenizers``); Fuyu's special ids when asked for."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -23,17 +24,27 @@ class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, bos_token: str = "<s>", eos_token: str = "</s>"):
         self.tokenizer = tokenizer
         self.bos_token, self.eos_token = bos_token, eos_token
-        self.bos_token_id = self._require(bos_token)
-        self.eos_token_id = self._require(eos_token)
-        self.image_token_id = self._require(IMAGE_TOKEN)
-        self.newline_token_id = self._require(NEWLINE_TOKEN)
-        self.boa_token_id = self._require(BOA_TOKEN)
+        self.bos_token_id = self._require(bos_token, "")
+        self.eos_token_id = self._require(eos_token, "")
 
-    def _require(self, token: str) -> int:
+    def _require(self, token: str, family: str = "Fuyu ") -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"the tokenizer has no {token!r} token; is this a Fuyu checkpoint?")
+            raise ValueError(f"the tokenizer has no {token!r} token; is this a {family}checkpoint?")
         return token_id
+
+    # Fuyu's layout ids
+    @functools.cached_property
+    def image_token_id(self) -> int:
+        return self._require(IMAGE_TOKEN)
+
+    @functools.cached_property
+    def newline_token_id(self) -> int:
+        return self._require(NEWLINE_TOKEN)
+
+    @functools.cached_property
+    def boa_token_id(self) -> int:
+        return self._require(BOA_TOKEN)
 
     @classmethod
     def from_pretrained(cls, folder) -> TextTokenizer:
