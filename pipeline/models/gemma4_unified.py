@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders import MediaLimits, VideoSampling
 from pipeline.attention import PagedAttention, StepContext
 from pipeline.models.base import CausalLM, StepMedia
 from pipeline.models.loading import load_weights, read_config
+from tokenization.gemma4_unified import Gemma4UnifiedLayout
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -438,3 +440,10 @@ def load_model(path: str | Path, ctx: StepContext, device: torch.device | str = 
     load_weights(model, folder, _rename, f"a {len(args.layers)}-layer Gemma 4 Unified model", device, dtype, skip)
     model.init_constants(device)
     return model.eval().requires_grad_(False)
+
+
+def make_front_end(path: str | Path, limits: MediaLimits, video_sampling: VideoSampling,
+                   max_prompt_tokens: int | None = None) -> Gemma4UnifiedLayout:
+    """Text + media -> the token stream ``Gemma4UnifiedProcessor`` lays out."""
+    return Gemma4UnifiedLayout.from_pretrained(path, limits=limits, video_sampling=video_sampling,
+                                               max_prompt_tokens=max_prompt_tokens)
