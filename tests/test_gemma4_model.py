@@ -340,14 +340,12 @@ def test_unsupported_configs_are_value_errors(change, message, checkpoint):
         Gemma4Args.from_hf_config(config)
 
 
-def test_pipeline_mixed_batch_matches_transformers(checkpoint, monkeypatch):
+def test_pipeline_mixed_batch_matches_transformers(checkpoint):
     """Through the engine (registry, per-layer KV pools, scheduler with a small token budget, so image runs are
     scheduled whole and the rest is chunked): a batch of text, image, two-image and audio requests each give
     transformers' greedy tokens (videos: at the model level above; the engine takes video files)."""
-    import pipeline.models as models
     from pipeline import Pipeline, SamplingParams
 
-    monkeypatch.setitem(models.FAMILIES, "gemma4_unified", "pipeline.models.gemma4_unified")
     folder, processor, hf = checkpoint("kv_shared")
     wave = np.random.default_rng(10).standard_normal(3000).astype(np.float32)
     requests = [

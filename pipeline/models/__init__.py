@@ -14,10 +14,12 @@ from pipeline.models.loading import read_config
 FAMILIES = {  # model_type -> module
     "fuyu": "pipeline.models.fuyu",
     "persimmon": "pipeline.models.fuyu",
+    "gemma4_unified": "pipeline.models.gemma4_unified",
 }
 ARCHITECTURES = {  # architectures[0] -> model_type, for configs without a known model_type
     "FuyuForCausalLM": "fuyu",
     "PersimmonForCausalLM": "persimmon",
+    "Gemma4UnifiedForConditionalGeneration": "gemma4_unified",
 }
 
 __all__ = ["CausalLM", "StepMedia", "FAMILIES", "get_family", "read_config"]
