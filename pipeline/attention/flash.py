@@ -21,8 +21,11 @@ class FlashBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
         if sliding_window is not None or meta.query_run_start is not None:
-            raise ValueError("the flash attention backend has no sliding windows or bidirectional media runs yet; "
-                             "use attention_backend='torch'")
+            raise ValueError("the flash attention backend has no sliding windows or bidirectional media runs; "
+                             "use attention_backend 'triton' (CUDA) or 'torch'")
+        if q.shape[-1] > 256:
+            raise ValueError(f"flash-attn supports head dims up to 256, this layer has {q.shape[-1]}; "
+                             "use attention_backend 'triton' (CUDA) or 'torch'")
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
             out = flash_attn_with_kvcache(
