@@ -1,11 +1,20 @@
 """The async front of the engine.
 
 One dedicated thread owns the ``Engine``: it loads it, then loops — apply queued commands (add,
-abort, stop), ``step()``, hand each output to its request's ``asyncio.Queue`` with
+abort, stop), ``step()``, hand each output to its request's ``RequestStream`` with
 ``call_soon_threadsafe``. The event loop never runs a model step, and media decoding runs in a
-worker pool (``build_prompt``), so a slow upload or a 4K video holds up neither. A request whose
-consumer goes away (client disconnect: the stream is cancelled or closed) is aborted, which frees
-its KV blocks. ``shutdown`` waits for running requests up to a grace period, then aborts the rest.
+worker pool (``build_prompt``), so a slow upload or a 4K video holds up neither.
+
+Admission comes first: ``admit()`` takes a place in the capacity (``max_num_seqs + max_queue_len``)
+and one of ``max_num_reading`` reading slots before a body is read, so at most that many requests
+hold a body or decode media at once; the rest wait up to a few seconds, then get ``QueueFullError``.
+
+Outputs go to a ``RequestStream`` (``serve/streams.py``) that merges what its reader has not taken
+yet, so a stalled client costs O(1) entries. A request whose consumer goes away (client disconnect)
+is aborted, which frees its KV blocks. A failing step fails the open
+requests; ``max_step_failures`` in a row, or an exception anywhere else in the loop, kills the
+engine: every open request gets ``EngineDeadError`` and new ones ``NotReadyError`` (503).
+``shutdown`` waits for running requests up to a grace period, then aborts the rest.
 """
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,20 +32,23 @@ from pipeline.engine import Engine, EngineStats
 from pipeline.outputs import RequestOutput
 from pipeline.sampling import SamplingParams
 from serve.metrics import Metrics
+from serve.streams import Admission, RequestStream
 
 logger = logging.getLogger(__name__)
+STEP_FAILED = "the engine failed while running this request; retry it (the server log has the cause)"
+ENGINE_DIED = "the engine stopped after an internal error; the server must be restarted (its log has the cause)"
 
 
 class QueueFullError(Exception):
-    """More requests than ``max_num_seqs + max_queue_len`` are in flight."""
+    """More requests than ``max_num_seqs + max_queue_len`` are in flight, or no reading slot came free."""
 
 
 class NotReadyError(Exception):
-    """The engine is loading, failed to load, or the server is shutting down."""
+    """The engine is loading, failed to load, died, or the server is shutting down."""
 
 
 class EngineDeadError(RuntimeError):
-    """A model step raised; the request cannot go on (the server does)."""
+    """The engine failed while running this request; the message is for the user (the cause is logged)."""
 
 
 @dataclass
@@ -57,73 +69,29 @@ class _Stop:
     pass
 
 
-class RequestStream:
-    """The outputs of one accepted request, in order; ``close()`` aborts it if it has not finished."""
-
-    def __init__(self, front: AsyncEngine, request_id: str, arrival: float):
-        self.front, self.request_id, self.arrival = front, request_id, arrival
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished = False
-        self._released = False
-        self._last_token_time: float | None = None
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        try:
-            while not self.finished:
-                item = await self.queue.get()
-                if isinstance(item, BaseException):
-                    self.finished = True
-                    raise item
-                self._observe(item)
-                self.finished = item.finished
-                yield item
-        finally:
-            self.close()
-
-    def _observe(self, out: RequestOutput) -> None:
-        now, metrics = time.perf_counter(), self.front.metrics
-        if out.delta_token_ids:
-            if self._last_token_time is None:
-                metrics.time_to_first_token.observe(now - self.arrival)
-            else:
-                gap = (now - self._last_token_time) / len(out.delta_token_ids)
-                for _ in out.delta_token_ids:
-                    metrics.inter_token_latency.observe(gap)
-            self._last_token_time = now
-
-    async def result(self) -> RequestOutput:
-        """The last output (the whole text)."""
-        last = None
-        async for out in self:
-            last = out
-        assert last is not None and last.finished
-        return last
-
-    def close(self) -> None:
-        if self._released:
-            return
-        self._released = True
-        if not self.finished:
-            self.front.abort(self.request_id)
-        self.front._release()
-
-
 class AsyncEngine:
     def __init__(self, engine_factory: Callable[[], Engine], metrics: Metrics | None = None,
-                 max_queue_len: int = 256, num_preprocess_workers: int = 4):
+                 max_queue_len: int = 256, num_preprocess_workers: int = 4, max_num_reading: int | None = None,
+                 admission_wait_s: float = 5.0, max_step_failures: int = 3):
         self.engine_factory = engine_factory
         self.metrics = metrics or Metrics()
         self.max_queue_len = max_queue_len
+        self.admission_wait_s, self.max_step_failures = admission_wait_s, max_step_failures
+        self.max_num_reading = max_num_reading or num_preprocess_workers
         self.engine: Engine | None = None
         self.load_error: BaseException | None = None
         self.stats: EngineStats | None = None  # snapshot, replaced by the engine thread
         self._pool = ThreadPoolExecutor(num_preprocess_workers, thread_name_prefix="fusionserve-media")
+        self._reading = asyncio.Semaphore(self.max_num_reading)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._accepting = False
-        self.num_active = 0  # accepted, not yet finished or closed (event loop only)
+        self._closed = False  # the engine thread no longer takes commands
+        self.dead = False  # it died of an internal error
+        self.num_active = 0  # admitted, not yet finished or closed (event loop only)
+        self.num_reading = 0  # admitted, holding a reading slot
         self.num_preprocessing = 0
 
     # lifecycle
@@ -135,7 +103,15 @@ class AsyncEngine:
 
     @property
     def is_ready(self) -> bool:
-        return self._accepting and self._thread is not None and self._thread.is_alive()
+        return self._accepting and not self.dead and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def not_ready_reason(self) -> str:
+        if self.dead:
+            return ENGINE_DIED
+        if self.load_error is not None:
+            return str(self.load_error)
+        return "loading the model" if self._thread is not None and not self._closed else "the server is stopping"
 
     async def wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -161,20 +137,49 @@ class AsyncEngine:
         max_num_seqs = self.engine.config.max_num_seqs if self.engine else 0
         return max_num_seqs + self.max_queue_len
 
-    async def submit(self, text: str, images=(), videos=(), params: SamplingParams | None = None,
-                     request_id: str | None = None) -> RequestStream:
-        """Preprocess in the pool, then add to the engine; returns once the engine accepted the request.
-        Raises NotReadyError, QueueFullError, or ValueError / MediaError for bad input."""
+    def _check_ready(self) -> None:
         if not self.is_ready:
-            raise NotReadyError(str(self.load_error) if self.load_error else "the engine is not ready")
+            raise NotReadyError(self.not_ready_reason)
+
+    def _check_room(self) -> None:
+        self._check_ready()
         if self.num_active >= self.capacity:
             raise QueueFullError(f"{self.num_active} requests in flight; the limit is {self.capacity}")
+
+    async def admit(self, wait_s: float | None = None) -> Admission:
+        """A place for one request, before its body is read; NotReadyError or QueueFullError (at once when the
+        engine is full, after ``wait_s`` when every reading slot stays taken)."""
+        self._check_room()
+        wait_s = self.admission_wait_s if wait_s is None else wait_s
+        try:
+            if self._reading.locked():
+                await asyncio.wait_for(self._reading.acquire(), wait_s)
+            else:
+                await self._reading.acquire()  # at once
+        except asyncio.TimeoutError:
+            raise QueueFullError(f"{self.max_num_reading} requests are being read or decoded and none finished "
+                                 f"within {wait_s:g} s") from None
+        try:
+            self._check_room()
+        except BaseException:
+            self._reading.release()
+            raise
+        self.num_active += 1
+        self.num_reading += 1
+        return Admission(self)
+
+    async def submit(self, text: str, images=(), videos=(), params: SamplingParams | None = None,
+                     request_id: str | None = None, admission: Admission | None = None) -> RequestStream:
+        """Preprocess in the pool, then add to the engine; returns once the engine accepted the request.
+        Without ``admission`` it admits first. Raises NotReadyError, QueueFullError, or ValueError /
+        MediaError for bad input."""
+        admission = admission or await self.admit()
         arrival = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
-        stream = RequestStream(self, request_id, arrival)
-        self.num_active += 1
+        stream = RequestStream(self, request_id, arrival, admission)
         added = False
         try:
+            self._check_ready()
             self.num_preprocessing += 1
             try:
                 prompt = await self._loop.run_in_executor(self._pool, self.engine.build_prompt, text, images, videos)
@@ -184,18 +189,19 @@ class AsyncEngine:
             accepted = self._loop.create_future()
             self._commands.put(_Add(request_id, prompt, params or SamplingParams(), stream, accepted))
             added = True
+            if self._closed:  # the thread may have drained the queue before this add arrived
+                self._fail_queued()
             await accepted
         except BaseException:
             stream.finished = not added  # an added request that never came back must still be aborted
             stream.close()
             raise
+        admission.stream = stream
+        admission.done_reading()
         return stream
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
-
-    def _release(self) -> None:
-        self.num_active -= 1
 
     # engine thread
 
@@ -205,18 +211,36 @@ class AsyncEngine:
         except BaseException as exc:  # reported by /health and submit
             logger.exception("engine failed to load")
             self.load_error = exc
+            self._closed = True
             return
+        try:
+            self._serve()
+        except BaseException:
+            logger.exception("the engine loop failed; failing every open request")
+            self._die()
+        finally:
+            self._closed = True
+            self._fail_queued()
+
+    def _serve(self) -> None:
         self._publish_stats()
         self._accepting = True
+        num_failed = 0  # steps in a row
         while True:
             if not self._apply_commands(block=not self.engine.has_unfinished()):
                 return
             if self.engine.has_unfinished():
                 try:
                     outputs = self.engine.step()
-                except Exception as exc:
-                    logger.exception("engine step failed; failing its requests")
-                    self._fail_all(exc)
+                    num_failed = 0
+                except Exception:
+                    num_failed += 1
+                    logger.exception("engine step failed (%d in a row; the limit is %d)", num_failed,
+                                     self.max_step_failures)
+                    if num_failed >= self.max_step_failures:
+                        self._die()
+                        return
+                    self._fail_all()
                     outputs = []
                 self._publish_stats()  # before delivery: a client that saw a token sees that step's stats
                 for out in outputs:
@@ -232,6 +256,7 @@ class AsyncEngine:
                 return True
             block = False
             if isinstance(command, _Stop):
+                self._accepting = False
                 for request_id in list(self._streams):
                     self._abort_now(request_id)
                 self._publish_stats()
@@ -256,26 +281,45 @@ class AsyncEngine:
             self._deliver(out)
         self._streams.pop(request_id, None)
 
-    def _fail_all(self, exc: Exception) -> None:
+    def _fail_all(self) -> None:
+        """After a failed step: every open request ends with ``EngineDeadError``; the engine goes on."""
         for request_id, stream in list(self._streams.items()):
             try:
                 self.engine.abort(request_id)
             except Exception:
                 logger.exception("abort of %s after a failed step", request_id)
             self.metrics.finished.labels(reason="error").inc()
-            self._post(stream.queue.put_nowait, EngineDeadError(f"the engine failed on this request: {exc}"))
+            self._post(stream.put, EngineDeadError(STEP_FAILED))
         self._streams.clear()
+
+    def _die(self) -> None:
+        """The engine is gone: no new requests; every open and queued one fails (the engine is not touched)."""
+        self.dead, self._accepting = True, False
+        for stream in self._streams.values():
+            self.metrics.finished.labels(reason="error").inc()
+            self._post(stream.put, EngineDeadError(ENGINE_DIED))
+        self._streams.clear()
+
+    def _fail_queued(self) -> None:
+        """Adds still queued once the thread stopped taking commands (any thread)."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._post(command.accepted.set_exception, NotReadyError(self.not_ready_reason))
 
     def _deliver(self, out: RequestOutput) -> None:
         if out.finished:
             self.metrics.finished.labels(reason=out.finish_reason or "unknown").inc()
         stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
         if stream is not None:
-            self._post(stream.queue.put_nowait, out)
+            self._post(stream.put, out)
 
     def _post(self, fn, *args) -> None:
         def guarded():
-            if not (isinstance(fn.__self__, asyncio.Future) and fn.__self__.done()):
+            if not (isinstance(getattr(fn, "__self__", None), asyncio.Future) and fn.__self__.done()):
                 fn(*args)
 
         try:

@@ -13,7 +13,7 @@ from encoders import MediaError
 from pipeline.config import EngineConfig
 from pipeline.engine import Engine
 from pipeline.sampling import SamplingParams
-from serve.engine_loop import AsyncEngine, EngineDeadError, NotReadyError, QueueFullError
+from serve.engine_loop import ENGINE_DIED, AsyncEngine, EngineDeadError, NotReadyError, QueueFullError
 from server_fixtures import png_bytes
 
 
@@ -176,8 +176,9 @@ def test_a_failing_step_fails_its_requests_not_the_server(tiny_checkpoint):
 
     async def body(front):
         doomed = await front.submit("first", params=_greedy(50))
-        with pytest.raises(EngineDeadError, match="device fell over"):
+        with pytest.raises(EngineDeadError, match="failed while running this request") as failed:
             await doomed.result()
+        assert "device fell over" not in str(failed.value)  # logged, not shown to the user
         after = await (await front.submit("second", params=_greedy(4))).result()
         return after.finish_reason, front.stats.num_kv_blocks_used
 
@@ -214,3 +215,114 @@ def test_shutdown_aborts_what_is_still_running(tiny_checkpoint):
         return out.finish_reason, front.stats.num_kv_blocks_used
 
     assert asyncio.run(main()) == ("abort", 0)
+
+
+def _wrapped(checkpoint, **patches):
+    """A factory whose engine has ``name`` replaced by ``patches[name](original)``."""
+    def factory():
+        engine = Engine(EngineConfig(model=str(checkpoint), num_blocks=300, block_size=8))
+        for name, wrap in patches.items():
+            setattr(engine, name, wrap(getattr(engine, name)))
+        return engine
+
+    return factory
+
+
+def test_an_exception_outside_step_fails_open_streams_and_kills_the_engine(tiny_checkpoint):
+    armed = threading.Event()
+
+    def stats(original):
+        def failing():
+            if armed.is_set():
+                raise RuntimeError("stats exploded")
+            return original()
+        return failing
+
+    async def body(front):
+        stream = await front.submit("long", params=_greedy(1500))
+        async for _ in stream:
+            break  # the request is running
+        armed.set()
+        with pytest.raises(EngineDeadError) as died:
+            await asyncio.wait_for(stream.result(), 10)  # promptly, not never
+        assert str(died.value) == ENGINE_DIED and "exploded" not in str(died.value)
+        assert not front.is_ready and front.dead
+        with pytest.raises(NotReadyError, match="restarted"):
+            await asyncio.wait_for(front.submit("after", params=_greedy(2)), 1)  # at once
+        return front.num_active
+
+    assert _run(AsyncEngine(_wrapped(tiny_checkpoint, stats=stats)), body) == 0
+
+
+def test_consecutive_failing_steps_kill_the_engine(tiny_checkpoint):
+    def step(original):
+        def failing():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return failing
+
+    async def body(front):
+        for k in range(3):
+            assert front.is_ready
+            stream = await front.submit(f"try {k}", params=_greedy(4))
+            with pytest.raises(EngineDeadError) as failed:
+                await asyncio.wait_for(stream.result(), 10)
+            assert "CUDA" not in str(failed.value)
+        assert str(failed.value) == ENGINE_DIED  # the third in a row
+        assert not front.is_ready
+        with pytest.raises(NotReadyError):
+            await asyncio.wait_for(front.submit("after", params=_greedy(2)), 1)
+        return front.num_active
+
+    assert _run(AsyncEngine(_wrapped(tiny_checkpoint, step=step), max_step_failures=3), body) == 0
+
+
+def test_a_stalled_reader_costs_one_pending_entry(tiny_checkpoint):
+    num_tokens = 200
+
+    async def body(front):
+        streamed = await front.submit("Tell me a long story", params=_greedy(num_tokens))
+        for _ in range(1000):  # nobody reads while the engine produces every token
+            if front.metrics.finished.labels(reason="length")._value.get() >= 1:
+                break
+            assert streamed.num_pending <= 1
+            await asyncio.sleep(0.01)
+        assert front.metrics.finished.labels(reason="length")._value.get() == 1
+        assert streamed.num_pending == 1
+        outs = [out async for out in streamed]
+        whole = await (await front.submit("Tell me a long story", params=_greedy(num_tokens))).result()
+        return outs, whole
+
+    outs, whole = _run(_front(tiny_checkpoint), body)
+    assert len(outs) == 1 and outs[0].finished  # every delta merged into the one pending output
+    assert len(whole.token_ids) == num_tokens
+    assert outs[0].delta_token_ids == whole.token_ids and outs[0].delta_text == whole.text
+
+
+def test_streamed_deltas_add_up_to_the_final_text(tiny_checkpoint):
+    async def body(front):
+        stream = await front.submit("Describe", params=_greedy(40))
+        outs = [out async for out in stream]
+        return outs
+
+    outs = _run(_front(tiny_checkpoint), body)
+    assert len(outs) > 1 and outs[-1].finished
+    assert "".join(o.delta_text for o in outs) == outs[-1].text
+    assert sum((o.delta_token_ids for o in outs), []) == outs[-1].token_ids
+
+
+def test_admission_bounds_requests_reading_at_once(tiny_checkpoint):
+    async def body(front):
+        first = await front.admit()
+        with pytest.raises(QueueFullError, match="being read"):
+            await front.admit(wait_s=0.1)
+        waiting = asyncio.create_task(front.admit(wait_s=5))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and front.num_active == 1
+        stream = await front.submit("x", params=_greedy(3), admission=first)  # its slot frees once it is added
+        second = await asyncio.wait_for(waiting, 5)
+        await stream.result()
+        assert front.num_active == 1
+        await second.__aexit__(None, None, None)  # never used: gives its place back
+        return front.num_active
+
+    assert _run(AsyncEngine(_wrapped(tiny_checkpoint), max_num_reading=1), body) == 0

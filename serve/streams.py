@@ -1,0 +1,121 @@
+"""The event-loop side of one request: its place in the admission (``Admission``) and its outputs
+(``RequestStream``).
+
+A stream keeps one pending output: what its reader has not taken yet is merged into it
+(``RequestOutput.merge``), so a client that stops reading costs O(1) entries however many tokens the
+engine produces, and the reader gets the merged delta when it comes back.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from pipeline.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from serve.engine_loop import AsyncEngine
+
+
+class Admission:
+    """One request's place, taken before its body is read: counted in the capacity until ``close()`` (its
+    stream closes it once it has one), and holding a reading slot until ``done_reading()``."""
+
+    def __init__(self, front: AsyncEngine):
+        self.front = front
+        self.stream: RequestStream | None = None
+        self._reading = self._counted = True
+
+    def done_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.front.num_reading -= 1
+            self.front._reading.release()
+
+    def close(self) -> None:
+        self.done_reading()
+        if self._counted:
+            self._counted = False
+            self.front.num_active -= 1
+
+    async def __aenter__(self) -> Admission:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.stream is None:  # never reached the engine
+            self.close()
+        else:
+            self.done_reading()
+
+
+class RequestStream:
+    """The outputs of one accepted request, in order; what the reader has not taken yet waits merged into one
+    pending output. ``close()`` aborts the request if it has not finished."""
+
+    def __init__(self, front: AsyncEngine, request_id: str, arrival: float, admission: Admission):
+        self.front, self.request_id, self.arrival = front, request_id, arrival
+        self.admission = admission
+        self.finished = False  # the reader saw the end
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._released = False
+        self._last_token_time: float | None = None
+
+    @property
+    def num_pending(self) -> int:
+        """Entries waiting for the reader: 0, 1, or 2 with an error behind an output."""
+        return (self._pending is not None) + (self._error is not None)
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """From the engine thread, through the event loop."""
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
+            self._observe(item)
+            self._pending = item if self._pending is None else self._pending.merge(item)
+        self._ready.set()
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                if self._pending is None and self._error is None:
+                    self._ready.clear()
+                    await self._ready.wait()
+                elif self._pending is not None:
+                    out, self._pending = self._pending, None
+                    self.finished = out.finished
+                    yield out
+                else:
+                    self.finished = True
+                    raise self._error
+        finally:
+            self.close()
+
+    def _observe(self, out: RequestOutput) -> None:
+        now, metrics = time.perf_counter(), self.front.metrics
+        if out.delta_token_ids:
+            if self._last_token_time is None:
+                metrics.time_to_first_token.observe(now - self.arrival)
+            else:
+                gap = (now - self._last_token_time) / len(out.delta_token_ids)
+                for _ in out.delta_token_ids:
+                    metrics.inter_token_latency.observe(gap)
+            self._last_token_time = now
+
+    async def result(self) -> RequestOutput:
+        """The final output (the whole answer in ``text`` / ``token_ids``)."""
+        last = None
+        async for out in self:
+            last = out
+        assert last is not None and last.finished
+        return last
+
+    def close(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if not self.finished:
+            self.front.abort(self.request_id)
+        self.admission.close()
