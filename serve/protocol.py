@@ -55,22 +55,37 @@ class ServerConfig:
     max_queue_len: int = 256  # requests waiting beyond the engine's max_num_seqs; more -> 429
     retry_after_s: int = 1
     default_max_tokens: int = 256
+    max_prompt_bytes: int = 256 * 1024  # chat: the rendered prompt text
     allowed_media_hosts: tuple[str, ...] = ()  # hosts whose http(s) media URLs the server may fetch
-    media_fetch_timeout_s: float = 10.0
+    allowed_media_ports: tuple[int, ...] = (80, 443)
+    allow_private_media_addresses: bool = False  # loopback, private, link-local ... (tests, trusted networks)
+    media_fetch_timeout_s: float = 10.0  # all of one request's fetches together
     num_preprocess_workers: int = 4
+    max_num_reading: int = 4  # requests reading their body, fetching or decoding media at once
+    admission_wait_s: float = 5.0  # a request waits this long for a reading slot, then 429
+    body_read_timeout_s: float = 60.0  # the whole body must arrive within this, else 408
+    max_step_failures: int = 3  # consecutive failing engine steps before the engine is declared dead
     shutdown_grace_s: float = 10.0
 
     def __post_init__(self):
         if self.api_key is None:
             self.api_key = os.environ.get("FUSIONSERVE_API_KEY") or None
-        for name in ("max_upload_bytes", "spool_threshold_bytes", "max_field_bytes", "num_preprocess_workers",
-                     "default_max_tokens", "retry_after_s"):
+        for name in ("max_upload_bytes", "spool_threshold_bytes", "max_field_bytes", "max_prompt_bytes",
+                     "num_preprocess_workers", "max_num_reading", "max_step_failures", "default_max_tokens",
+                     "retry_after_s"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("max_images", "max_videos", "max_queue_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("media_fetch_timeout_s", "admission_wait_s", "body_read_timeout_s", "shutdown_grace_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
         self.allowed_media_hosts = tuple(h.lower() for h in self.allowed_media_hosts)
+        self.allowed_media_ports = tuple(self.allowed_media_ports)
+        if not all(isinstance(p, int) and 0 < p < 65536 for p in self.allowed_media_ports):
+            raise ValueError(f"allowed_media_ports must be ports (1..65535), got {self.allowed_media_ports!r}")
 
 
 @dataclass
@@ -108,25 +123,26 @@ _FORM_INT = ("max_tokens", "top_k", "seed")
 _FORM_FLOAT = ("temperature", "top_p", "min_p", "repetition_penalty")
 _FORM_BOOL = ("stream", "ignore_eos")
 FORM_FIELDS = ("prompt", "stop") + _FORM_INT + _FORM_FLOAT + _FORM_BOOL
+INT64_LIMIT = 2**63  # integer fields must fit int64 (seeds, counts)
 
 
 def _form_value(name: str, raw: str) -> Any:
-    text = raw.strip()
+    text, shown = raw.strip(), repr(raw) if len(raw) <= 40 else repr(raw[:40]) + "..."
     if name in _FORM_BOOL:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
         if text.lower() in ("false", "0", "no", "off", ""):
             return False
-        raise bad_request(f"{name} must be true or false, got {raw!r}")
+        raise bad_request(f"{name} must be true or false, got {shown}")
     try:
-        if name in _FORM_INT:
-            return int(text)
-        value = float(text)
+        value = int(text) if name in _FORM_INT else float(text)
     except ValueError:
         kind = "an integer" if name in _FORM_INT else "a number"
-        raise bad_request(f"{name} must be {kind}, got {raw!r}") from None
+        raise bad_request(f"{name} must be {kind}, got {shown}") from None
+    if name in _FORM_INT and not -INT64_LIMIT <= value < INT64_LIMIT:
+        raise bad_request(f"{name} must fit in 64 bits, got {shown}")
     if not math.isfinite(value):
-        raise bad_request(f"{name} must be finite, got {raw!r}")
+        raise bad_request(f"{name} must be finite, got {shown}")
     return value
 
 

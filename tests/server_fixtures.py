@@ -1,10 +1,12 @@
-"""Start a real uvicorn server on 127.0.0.1 (a free port) in a thread, for end-to-end tests.
+"""Start a real uvicorn server on 127.0.0.1 (a free port) in a thread, for end-to-end tests; and a media
+host on 127.0.0.1 that serves, redirects, stalls or serves too much.
 
     with running_server(create_app(EngineConfig(model=...), ServerConfig(...))) as base_url:
         httpx.get(base_url + "/health")
 """
 from __future__ import annotations
 
+import http.server
 import io
 import socket
 import threading
@@ -54,21 +56,93 @@ def png_bytes(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes
     return buf.getvalue()
 
 
-def mp4_bytes(num_frames: int = 12, size: int = 48, fps: int = 6) -> bytes:
-    """A small h264 clip: a bright square moving right over a dark background."""
+def mp4_bytes(num_frames: int = 12, size: int = 48, fps: int = 6, height: int | None = None,
+              preset: str | None = None) -> bytes:
+    """A small h264 clip (``size`` x ``height or size``): a bright square moving right over a dark background."""
     import av
 
+    width, height = size, height or size
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
+        stream = container.add_stream("libx264", rate=fps, options={"preset": preset} if preset else None)
+        stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
         for i in range(num_frames):
-            frame = np.full((size, size, 3), 30, dtype=np.uint8)
-            x = (i * (size - 12)) // max(1, num_frames - 1)
+            frame = np.full((height, width, 3), 30, dtype=np.uint8)
+            x = (i * (width - 12)) // max(1, num_frames - 1)
             frame[18:30, x:x + 12] = (250, 200, 40)
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+class MediaHost(http.server.ThreadingHTTPServer):
+    """``/redirect``: 302 to ``/a.png``; ``/stall``: a 200 that trickles a byte every 50 ms (every read is
+    quick, the whole never ends) for at most ``stall_s``; any other path: ``files[path]`` or 404. Records
+    the Host header of each request and when each stalled connection was dropped by the client."""
+
+    daemon_threads = True
+
+    def __init__(self, files: dict[str, bytes], stall_s: float = 20.0):
+        super().__init__(("127.0.0.1", 0), _MediaHandler)
+        self.files, self.stall_s = files, stall_s
+        self.hosts: list[str] = []
+        self.stalls_dropped_after_s: list[float] = []
+        self.stopping = threading.Event()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+
+class _MediaHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: MediaHost
+
+    def do_GET(self):
+        self.server.hosts.append(self.headers.get("Host", ""))
+        path = self.path.split("?")[0]
+        if path == "/redirect":
+            self._head(302, 0, Location="/a.png")
+        elif path == "/stall":
+            self._head(200, 10**6)
+            start = time.monotonic()
+            try:
+                while time.monotonic() - start < self.server.stall_s and not self.server.stopping.is_set():
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    self.server.stopping.wait(0.05)
+            except OSError:  # the client gave up
+                self.server.stalls_dropped_after_s.append(time.monotonic() - start)
+        elif path in self.server.files:
+            self._head(200, len(self.server.files[path]))
+            self.wfile.write(self.server.files[path])
+        else:
+            self._head(404, 0)
+
+    def _head(self, status: int, length: int, **headers):
+        self.send_response(status)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(length))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def media_host(files: dict[str, bytes], stall_s: float = 20.0) -> Iterator[MediaHost]:
+    host = MediaHost(files, stall_s)
+    thread = threading.Thread(target=host.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield host
+    finally:
+        host.stopping.set()
+        host.shutdown()
+        host.server_close()
+        thread.join(timeout=10)
