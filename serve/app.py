@@ -6,7 +6,6 @@ import json
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,13 +19,14 @@ from starlette.routing import Route
 
 from pipeline.config import EngineConfig
 from pipeline.engine import Engine
-from pipeline.outputs import RequestOutput, Usage
+from pipeline.outputs import Usage
 from serve.chat import ChatTemplate, parse_chat
-from serve.engine_loop import AsyncEngine, EngineDeadError, NotReadyError, QueueFullError, RequestStream
+from serve.engine_loop import AsyncEngine, EngineDeadError, NotReadyError, QueueFullError
 from serve.media_fetch import resolve_media
 from serve.metrics import Metrics
-from serve.protocol import APIError, GenerateRequest, ServerConfig, from_value_error, parse_form
-from serve.uploads import read_body, read_multipart
+from serve.protocol import APIError, ServerConfig, bad_request, from_value_error, parse_form
+from serve.streams import RequestStream
+from serve.uploads import check_content_length, multipart_boundary, read_body, read_multipart, within
 
 logger = logging.getLogger(__name__)
 ENDPOINTS = ("/v1/generate", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -48,6 +48,14 @@ def to_api_error(exc: BaseException, config: ServerConfig) -> APIError:
     if isinstance(exc, EngineDeadError):
         return APIError(500, str(exc), "engine_error", "server_error")
     return APIError(500, "internal server error", "internal_error", "server_error")
+
+
+def check_prompt_text(prompt, config: ServerConfig) -> None:
+    """Chat prompts (text or segments) carry at most ``max_prompt_bytes`` of text (the multipart prompt has its
+    field limit): a 60 MB message is refused before the tokenizer sees it."""
+    texts = [prompt] if isinstance(prompt, str) else [seg for seg in prompt if isinstance(seg, str)]
+    if sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) > config.max_prompt_bytes:
+        raise bad_request(f"the prompt text is over {config.max_prompt_bytes} bytes", "prompt_too_long")
 
 
 def usage_json(usage: Usage) -> dict:
@@ -96,16 +104,15 @@ class Server:
     def __init__(self, front: AsyncEngine, config: ServerConfig, template: ChatTemplate):
         self.front, self.config, self.template = front, config, template
 
-    async def _start(self, req: GenerateRequest) -> RequestStream:
-        return await self.front.submit(req.prompt, req.images, req.videos, req.params)
-
     async def generate(self, request: Request) -> Response:
-        form = await read_multipart(request, self.config)
-        try:
-            req = parse_form(form.fields, form.images, form.videos, self.config)
-            stream = await self._start(req)
-        finally:
-            form.close()
+        multipart_boundary(request, self.config)  # 415 / 413 before admission
+        async with await self.front.admit() as admission:  # then a reading slot, then the body
+            form = await within(self.config.body_read_timeout_s, read_multipart(request, self.config))
+            try:
+                req = parse_form(form.fields, form.images, form.videos, self.config)
+                stream = await self.front.submit(req.prompt, req.images, req.videos, req.params, admission=admission)
+            finally:
+                form.close()
         if req.stream:
             return EventStream(stream, self._generate_events(stream))
         out = await until_disconnect(request, stream.result())
@@ -130,10 +137,17 @@ class Server:
         if content_type not in ("application/json", ""):
             raise APIError(415, f"/v1/chat/completions takes application/json, got {content_type!r}",
                            "unsupported_media_type")
-        raw = await read_body(request, self.config.max_upload_bytes)
-        req, refs = await run_in_threadpool(parse_chat, raw, self.template, self.config)  # JSON + base64 off-loop
-        req.images, req.videos = await resolve_media(refs, self.config)
-        stream = await self._start(req)
+        limit = self.config.max_upload_bytes
+        check_content_length(request, limit)
+        async with await self.front.admit() as admission:
+            raw = await within(self.config.body_read_timeout_s, read_body(request, limit))
+            body_len = len(raw)
+            req, refs = await run_in_threadpool(parse_chat, raw, self.template, self.config)  # JSON + base64 off-loop
+            del raw
+            check_prompt_text(req.prompt, self.config)
+            req.images, req.videos = await resolve_media(refs, self.config, limit - body_len)
+            del refs
+            stream = await self.front.submit(req.prompt, req.images, req.videos, req.params, admission=admission)
         chat_id, created = f"chatcmpl-{stream.request_id}", int(time.time())
         head = {"id": chat_id, "created": created, "model": self.config.model_name}
         if req.stream:
@@ -172,11 +186,12 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         if not self.front.is_ready:
-            raise NotReadyError(str(self.front.load_error) if self.front.load_error else "loading the model")
+            raise NotReadyError(self.front.not_ready_reason)
         return JSONResponse({"status": "ok", "model": self.config.model_name})
 
     async def metrics(self, request: Request) -> Response:
-        return Response(self.front.metrics.render(self.front.stats, self.front.num_preprocessing),
+        return Response(self.front.metrics.render(self.front.stats, self.front.num_preprocessing,
+                                                  self.front.num_reading),
                         media_type=Metrics.content_type)
 
 
@@ -228,7 +243,8 @@ def create_app(engine_config: EngineConfig | None = None, config: ServerConfig |
         config.model_name = Path(engine_config.model).name
     metrics = Metrics()
     front = AsyncEngine(engine_factory or (lambda: Engine(engine_config)), metrics, config.max_queue_len,
-                        config.num_preprocess_workers)
+                        config.num_preprocess_workers, config.max_num_reading, config.admission_wait_s,
+                        config.max_step_failures)
     server = Server(front, config, ChatTemplate.from_pretrained(engine_config.model))
 
     @asynccontextmanager

@@ -27,6 +27,8 @@ class Metrics:
         self.running = Gauge("fusionserve_requests_running", "Requests the engine is running", registry=r)
         self.waiting = Gauge("fusionserve_requests_waiting", "Requests waiting for the engine", registry=r)
         self.preprocessing = Gauge("fusionserve_requests_preprocessing", "Requests in media decoding", registry=r)
+        self.reading = Gauge("fusionserve_requests_reading", "Admitted requests reading their body, fetching or "
+                             "decoding media (bounded by max_num_reading)", registry=r)
         self.kv_blocks_used = Gauge("fusionserve_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.kv_blocks_free = Gauge("fusionserve_kv_blocks_free", "KV cache blocks free (cached prefixes "
                                     "with no user count as free)", registry=r)
@@ -34,9 +36,10 @@ class Metrics:
                                            "Prompt tokens served from the prefix cache / prompt tokens", registry=r)
         self.preemptions = Gauge("fusionserve_preemptions", "Preemptions since start", registry=r)
 
-    def render(self, stats, num_preprocessing: int) -> bytes:
+    def render(self, stats, num_preprocessing: int, num_reading: int = 0) -> bytes:
         """Text exposition; ``stats`` is the engine's latest EngineStats (None while loading)."""
         self.preprocessing.set(num_preprocessing)
+        self.reading.set(num_reading)
         if stats is not None:
             self.running.set(stats.num_running)
             self.waiting.set(stats.num_waiting)

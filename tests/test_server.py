@@ -3,12 +3,12 @@ code from real bad input, disconnects (KV freed, read from /metrics), 429 and 50
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import socket
 import struct
 import threading
+import time
 import zlib
 
 import httpx
@@ -19,9 +19,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.config import EngineConfig
+from pipeline.engine import Engine
 from serve.app import create_app
 from serve.protocol import ServerConfig
-from server_fixtures import mp4_bytes, png_bytes, running_server
+from server_fixtures import media_host, mp4_bytes, png_bytes, running_server
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -32,10 +33,22 @@ def _engine_config(checkpoint, **options) -> EngineConfig:
     return EngineConfig(model=str(checkpoint), **{"num_blocks": 300, "block_size": 8, **options})
 
 
+MEDIA_IMAGE = png_bytes(20, 20, seed=11)
+PADDED_IMAGE = MEDIA_IMAGE + b"\0" * (UPLOAD_LIMIT * 6 // 10)  # a PNG with trailing bytes: 60% of the limit
+
+
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint):
+def media():
+    with media_host({"/a.png": MEDIA_IMAGE, "/padded.png": PADDED_IMAGE, "/big.png": b"\0" * (UPLOAD_LIMIT + 1)},
+                    stall_s=20) as host:
+        yield host
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, media):
     config = ServerConfig(api_key=KEY, max_upload_bytes=UPLOAD_LIMIT, max_images=3, max_videos=1,
-                          allowed_media_hosts=("127.0.0.1",))
+                          allowed_media_hosts=("127.0.0.1",), allowed_media_ports=(media.port,),
+                          allow_private_media_addresses=True, media_fetch_timeout_s=2.0)
     with running_server(create_app(_engine_config(tiny_checkpoint), config)) as url:
         yield url
 
@@ -243,31 +256,23 @@ def test_disconnect_mid_stream_frees_every_kv_block(server, client):
     assert m["fusionserve_requests_running"] == 0
 
 
-def test_fetch_from_allowed_host(server, client):
-    image = png_bytes(20, 20, seed=11)
+def _chat_urls(client, *urls: str) -> httpx.Response:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return client.post("/v1/chat/completions", json={"max_tokens": 4, "messages": [{"role": "user", "content": parts}]})
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
 
-        def log_message(self, *args):
-            pass
-
-    media = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=media.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{media.server_address[1]}/a.png"
-        chat = lambda u: client.post("/v1/chat/completions", json={"max_tokens": 4, "messages": [  # noqa: E731
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}}]}]})
-        assert chat(url).status_code == 200
-        _expect_error(chat(url.replace("127.0.0.1", "localhost")), 400, "remote_media_refused")
-    finally:
-        media.shutdown()
-        media.server_close()
+def test_fetch_from_allowed_host(client, media):
+    url = f"http://127.0.0.1:{media.port}"
+    assert _chat_urls(client, url + "/a.png").status_code == 200
+    assert _chat_urls(client, url + "/padded.png").status_code == 200  # 60% of the budget: fits
+    _expect_error(_chat_urls(client, url.replace("127.0.0.1", "localhost") + "/a.png"), 400, "remote_media_refused")
+    assert "redirect" in _expect_error(_chat_urls(client, url + "/redirect"), 400, "media_fetch_failed")["message"]
+    _expect_error(_chat_urls(client, url + "/big.png"), 413, "payload_too_large")
+    _expect_error(_chat_urls(client, url + "/padded.png", url + "/padded.png"), 413, "payload_too_large")  # one budget
+    start = time.monotonic()
+    _expect_error(_chat_urls(client, url + "/stall"), 400, "media_fetch_timeout")  # trickles: every read is quick
+    assert time.monotonic() - start < 6.0  # the 2 s deadline, not the source's 20 s
+    assert client.get("/health").status_code == 200
 
 
 def test_queue_full_is_429_with_retry_after(tiny_checkpoint):
@@ -293,3 +298,209 @@ def test_not_ready_is_503(tiny_checkpoint):
         _expect_error(httpx.get(url + "/health"), 503, "not_ready")
         _expect_error(httpx.post(url + "/v1/generate", files=_fields({"prompt": "x"})), 503, "not_ready")
         gate.set()
+
+
+def _stats_fail_when(armed: threading.Event, checkpoint):
+    def factory():
+        engine = Engine(_engine_config(checkpoint))
+        stats = engine.stats
+
+        def failing():
+            if armed.is_set():
+                raise RuntimeError("stats exploded at 0x7f00")
+            return stats()
+
+        engine.stats = failing
+        return engine
+
+    return factory
+
+
+def test_a_dead_engine_ends_open_streams_and_answers_503(tiny_checkpoint):
+    armed = threading.Event()
+    app = create_app(_engine_config(tiny_checkpoint), ServerConfig(), engine_factory=_stats_fail_when(armed,
+                                                                                                     tiny_checkpoint))
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=20) as c:
+        form = _fields({"prompt": "long", "max_tokens": "1500", "ignore_eos": "true", "stream": "true"})
+        with c.stream("POST", "/v1/generate", files=form) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: "))
+            assert "error" not in json.loads(next(lines)[6:])
+            armed.set()
+            start = time.monotonic()
+            rest = list(lines)  # the stream ends (a hang is a ReadTimeout after 20 s)
+            assert time.monotonic() - start < 10
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][6:])["error"]
+        assert error["code"] == "engine_error" and "restart" in error["message"] and "exploded" not in error["message"]
+        assert "0x7f00" not in error["message"]
+        _expect_error(c.get("/health"), 503, "not_ready")
+        start = time.monotonic()
+        _expect_error(c.post("/v1/generate", files=_fields({"prompt": "x", "max_tokens": "2"})), 503, "not_ready")
+        _expect_error(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}), 503)
+        assert time.monotonic() - start < 2
+
+
+def _hold_a_slow_upload(url: str) -> socket.socket:
+    """A multipart upload whose body stops after its first bytes: the server admits it and waits."""
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30)
+    sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhi")
+    return sock
+
+
+def test_admission_before_the_body_is_read(tiny_checkpoint):
+    config = ServerConfig(max_num_reading=1, admission_wait_s=0.5, body_read_timeout_s=3.0)
+    app = create_app(_engine_config(tiny_checkpoint), config)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        with _hold_a_slow_upload(url) as slow:
+            for _ in range(250):
+                if _metrics(c)["fusionserve_requests_reading"] == 1:
+                    break
+                time.sleep(0.02)
+            assert _metrics(c)["fusionserve_requests_reading"] == 1  # it holds the one reading slot
+            start = time.monotonic()
+            r = c.post("/v1/generate", files=_fields({"prompt": "second", "max_tokens": "2"}))
+            _expect_error(r, 429, "queue_full")  # after a short wait, with its body unread
+            assert 0.4 < time.monotonic() - start < 3 and int(r.headers["Retry-After"]) >= 1
+            answer = slow.recv(65536)  # the slow body runs out of time: 408, and its slot frees
+            assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+        r = c.post("/v1/generate", files=_fields({"prompt": "third", "max_tokens": "2"}))
+        assert r.status_code == 200, r.text
+        assert _metrics(c)["fusionserve_requests_reading"] == 0
+
+
+def _deep(depth: int, open_: str = "[", close: str = "]") -> bytes:
+    return (open_ * depth + close * depth).encode()
+
+
+def _chat_body(**fields) -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}).encode()
+
+
+_MSG = {"role": "user", "content": "hi"}
+CHAT_FUZZ = [  # (raw JSON body, content type)
+    (_deep(100_000), "application/json"),
+    (b'{"messages": ' + _deep(50_000, '{"a":', "}").replace(b"}", b"1}", 1) + b"}", "application/json"),
+    (b'{"messages": [{"role": "user", "content": ' + _deep(20_000) + b"}]}", "application/json"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", "application/json"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}', "application/json"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN, "max_tokens": 2}', "application/json"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity, "max_tokens": 2}', "application/json"),
+    (_chat_body(max_tokens=-(10**30)), "application/json"),
+    (_chat_body(seed=2**64), "application/json"),
+    (_chat_body(seed=-(2**70)), "application/json"),
+    (_chat_body(top_k=10**20), "application/json"),
+    (_chat_body(n=10**30), "application/json"),
+    (_chat_body(temperature=1e308), "application/json"),
+    (_chat_body(max_tokens=1.5), "application/json"),
+    (_chat_body(max_tokens="2"), "application/json"),
+    (_chat_body(max_tokens=True), "application/json"),
+    (_chat_body(stream="yes"), "application/json"),
+    (_chat_body(stream_options=[1]), "application/json"),
+    (_chat_body(stream=True, stream_options={"include_usage": "no"}), "application/json"),
+    (_chat_body(stop=5), "application/json"),
+    (_chat_body(stop={"a": 1}), "application/json"),
+    (_chat_body(stop=[1, 2]), "application/json"),
+    (_chat_body(stop=["x" * 100_000]), "application/json"),
+    (_chat_body(stop=["s"] * 20_000), "application/json"),
+    (_chat_body(ignore_eos="maybe"), "application/json"),
+    (_chat_body(logprobs={"x": 1}), "application/json"),
+    (_chat_body(messages="hi"), "application/json"),
+    (_chat_body(messages=None), "application/json"),
+    (_chat_body(messages={"role": "user"}), "application/json"),
+    (_chat_body(messages=[[_MSG]]), "application/json"),
+    (_chat_body(messages=[{"role": ["user"], "content": "hi"}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": 5}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": {"type": "text"}}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": [1, None, "x"]}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": ["text"], "text": "x"}]}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ["x"]}}]}]),
+     "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + "A" * 1_000_000}}]}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {
+        "url": "data:video/mp4;base64,!!!!"}}]}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "http://" + "a" * 100_000}}]}]), "application/json"),
+    (_chat_body(messages=[{"role": "user", "content": "word " * 300_000}]), "application/json"),  # 1.5 MB of text
+    (_chat_body(messages=[{"role": "x" * 1_000_000, "content": "hi"}]), "application/json"),
+    (_chat_body(model="m" * 1_000_000), "application/json"),
+    (_chat_body(messages=[_MSG] * 20_000), "application/json"),
+    (b"", "application/json"), (b"null", "application/json"), (b"[]", "application/json"),
+    (b'"messages"', "application/json"), (b"true", "application/json"), (b"\xff\xfe\x00{", "application/json"),
+    (b"\xef\xbb\xbf" + _chat_body(), "application/json"),
+    (_chat_body().decode().encode("utf-16"), "application/json; charset=utf-16"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}', "application/json"),
+    (b'{"messages": [{"role": "user", "content": "\x00"}], "max_tokens": 2}', "application/json"),
+    (_chat_body(), "text/plain"), (_chat_body(), "application/x-www-form-urlencoded"),
+    (_chat_body(), "multipart/form-data; boundary=b"), (_chat_body(), "application/json; charset=\x7f"),
+    (_chat_body(), "!!!"),
+]
+GENERATE_FUZZ = [  # (form fields, files, content type override)
+    ({"prompt": "x", "max_tokens": "9" * 5000}, None, None),
+    ({"prompt": "x", "max_tokens": "1e999"}, None, None),
+    ({"prompt": "x", "max_tokens": "2", "temperature": "nan"}, None, None),
+    ({"prompt": "x", "max_tokens": "2", "temperature": "inf"}, None, None),
+    ({"prompt": "x", "max_tokens": "2", "seed": str(2**64)}, None, None),
+    ({"prompt": "x", "max_tokens": "2", "seed": "-" + "9" * 100}, None, None),
+    ({"prompt": "x", "max_tokens": "2", "top_k": str(10**20)}, None, None),
+    ({"prompt": "x", "max_tokens": "2", "stream": "perhaps"}, None, None),
+    ({"prompt": "x", "max_tokens": "2", "ignore_eos": "2"}, None, None),
+    ({"prompt": "x" * (300 * 1024)}, None, None),
+    ({"prompt": "x", "max_tokens": "2", "stop": "s" * 200_000}, None, None),
+    ({"prompt": "\x00\ud800".encode("utf-8", "surrogatepass").decode("latin-1"), "max_tokens": "2"}, None, None),
+    ({"prompt": "x", "max_tokens": "2"}, {"image": ("a.png", b"\x89PNG\r\n\x1a\n" + b"\xff" * 5000, "image/png")}, None),
+    ({"prompt": "x", "max_tokens": "2"}, {"video": ("a.mp4", b"\x00" * 5000, "video/mp4")}, None),
+    ({"prompt": "x", "max_tokens": "2"}, {"image": ("a.png", png_bytes(12, 12), "image/png; charset=\x7f")}, None),
+    ({"prompt": "x", "max_tokens": "2"}, {"audio": ("a.wav", b"RIFF", "audio/wav")}, None),
+    ({"prompt": "x", "max_tokens": "2"}, None, "multipart/form-data"),
+    ({"prompt": "x", "max_tokens": "2"}, None, "multipart/form-data; boundary=" + "b" * 5000),
+    ({"prompt": "x", "max_tokens": "2"}, None, "application/json"),
+    ({"prompt": "x", "max_tokens": "2"}, None, "text/plain"),
+    ({"prompt": "x", "max_tokens": "2"}, None, "!!!"),
+]
+RAW_GENERATE_FUZZ = [  # hand-made multipart bodies (boundary "b")
+    b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n",
+    b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n\xff\xfe\r\n--b--\r\n",
+    b"--b\r\n" + b"X-Junk: " + b"h" * 100_000 + b"\r\n\r\nx\r\n--b--\r\n",
+    b"--b\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx",  # never closed
+    b"garbage without a boundary",
+    b"".join(b"--b\r\nContent-Disposition: form-data; name=\"stop\"\r\n\r\ns\r\n" for _ in range(100)) + b"--b--\r\n",
+]
+
+
+def _no_server_error(r: httpx.Response, case) -> None:
+    assert r.status_code < 500, (repr(case)[:300], r.text[:500])
+    if r.status_code >= 400:
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "code"} and "Traceback" not in error["message"]
+
+
+def test_hostile_json_and_forms_are_never_a_server_error(client):
+    for raw, content_type in CHAT_FUZZ:
+        _no_server_error(client.post("/v1/chat/completions", content=raw, headers={"Content-Type": content_type}),
+                         (raw, content_type))
+    for fields, files, content_type in GENERATE_FUZZ:
+        request = client.build_request("POST", "/v1/generate", files={**{k: (None, v) for k, v in fields.items()},
+                                                                        **(files or {})})
+        if content_type is not None:
+            request.headers["Content-Type"] = content_type
+        _no_server_error(client.send(request), (fields, files, content_type))
+    for raw in RAW_GENERATE_FUZZ:
+        _no_server_error(client.post("/v1/generate", content=raw,
+                                     headers={"Content-Type": "multipart/form-data; boundary=b"}), raw)
+    assert client.get("/health").status_code == 200
+
+
+def test_an_unexpected_handler_error_is_a_generic_json_500(tiny_checkpoint, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail at /srv/app.py line 12")
+
+    monkeypatch.setattr("serve.app.parse_form", broken)
+    app = create_app(_engine_config(tiny_checkpoint), ServerConfig())
+    with running_server(app) as url:
+        r = httpx.post(url + "/v1/generate", files=_fields({"prompt": "x"}), timeout=30)
+    error = _expect_error(r, 500, "internal_error")
+    assert "secret" not in error["message"] and "Traceback" not in r.text
