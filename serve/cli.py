@@ -55,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests waiting beyond --max-num-seqs before 429")
     serve.add_argument("--allowed-media-host", action="append", default=[],
                        help="host whose http(s) image/video URLs may be fetched (repeatable; default none)")
+    serve.add_argument("--allowed-media-port", action="append", type=int, default=[],
+                       help="port media may be fetched from (repeatable; default 80 and 443)")
+    serve.add_argument("--allow-private-media-addresses", action="store_true",
+                       help="let media hosts resolve to loopback / private / link-local addresses (trusted networks)")
+    serve.add_argument("--torch-threads", type=int, default=None,
+                       help="torch intra-op threads (default: the CPUs left after the media workers)")
+    serve.add_argument("--media-workers", type=int, default=None,
+                       help="media decoding workers (default: a quarter of the CPUs, 1 to 4)")
+    serve.add_argument("--max-num-reading", type=int, default=4,
+                       help="requests reading their body or decoding media at once; others wait, then 429")
+    serve.add_argument("--max-step-failures", type=int, default=3,
+                       help="failing engine steps in a row before the engine is declared dead (/health 503)")
     serve.add_argument("--no-demo", action="store_true", help="do not mount the Gradio demo at /demo")
     serve.add_argument("--log-level", default="info")
 
@@ -84,11 +96,21 @@ def _serve(args) -> int:
 
     from serve.app import create_app
     from serve.protocol import ServerConfig
+    from serve.threads import apply_thread_budget, available_cpus, thread_budget
 
+    engine = engine_config(args)
+    budget = thread_budget(available_cpus(), engine.video_sampling.decoder_threads, args.torch_threads,
+                           args.media_workers)
     config = ServerConfig(api_key=args.api_key, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                           max_images=args.max_images, max_videos=args.max_videos, max_queue_len=args.max_queue_len,
-                          allowed_media_hosts=tuple(args.allowed_media_host))
-    app = create_app(engine_config(args), config)
+                          allowed_media_hosts=tuple(args.allowed_media_host),
+                          allowed_media_ports=tuple(args.allowed_media_port) or ServerConfig.allowed_media_ports,
+                          allow_private_media_addresses=args.allow_private_media_addresses,
+                          num_preprocess_workers=budget.media_workers, max_num_reading=args.max_num_reading,
+                          max_step_failures=args.max_step_failures)
+    apply_thread_budget(budget)
+    print(f"fusionserve: threads: {budget.describe()}", flush=True)
+    app = create_app(engine, config)
     base_url = f"http://{args.host}:{args.port}"
     if args.no_demo:
         where = "demo off (--no-demo)"
