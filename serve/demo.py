@@ -119,7 +119,10 @@ class Demo:
                     stats.first_token_s = now
                 stats.prompt_tokens, stats.cached_tokens = out.usage.prompt_tokens, out.usage.cached_tokens
                 stats.completion_tokens, stats.elapsed_s = out.usage.completion_tokens, now
-                stats.finish_reason, text = out.finish_reason, out.text
+                stats.finish_reason = out.finish_reason
+                text += out.delta_text  # outputs are deltas; the final one also has the whole text
+                if out.finished and out.text:
+                    text = out.text
                 if out.delta_text or out.finished:
                     yield text, stats.markdown()
         except EngineDeadError as exc:

@@ -112,6 +112,8 @@ def test_image_answer_streams_transformers_ids_on_the_api_engine(demo_server, cl
     # streamed: partial answers, each a prefix of the final one, came before it
     partial = [(t, STATS.search(s).groups()) for t, s in outputs[:-1]]
     assert partial and all(text.startswith(t) and g[3] == "generating" for t, g in partial)
+    texts = [t for t, _ in partial]  # the page adds up the engine's deltas: the answer grows, it is never reset
+    assert texts[-1] and all(later.startswith(t) for t, later in zip(texts, texts[1:]))
     counts = [int(g[0]) for _, g in partial]
     assert counts == sorted(counts) and counts[-1] < int(completion)
     # the same engine as the API: one model loaded, and the demo's request counted in the API's metrics
