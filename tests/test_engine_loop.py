@@ -281,7 +281,7 @@ def test_a_stalled_reader_costs_one_pending_entry(tiny_checkpoint):
 
     async def body(front):
         streamed = await front.submit("Tell me a long story", params=_greedy(num_tokens))
-        for _ in range(1000):  # nobody reads while the engine produces every token
+        for _ in range(3000):  # nobody reads while the engine produces every token (30 s at most)
             if front.metrics.finished.labels(reason="length")._value.get() >= 1:
                 break
             assert streamed.num_pending <= 1
