@@ -1,18 +1,23 @@
-"""Engine throughput, prefix-cache TTFT and KV waste on the benchmark model (float32, CPU).
+"""Engine throughput, prefix-cache TTFT and KV waste on a benchmark model (float32, CPU).
 
 1. 64 requests, one random-size image each (48-256 px a side) and a prompt, max_tokens uniform in 16..256,
    EOS ignored so every system generates the same number of tokens: output tokens/s of Pipeline.generate vs
-   transformers' FuyuForCausalLM.generate (a) one request at a time, (b) static batches of 8, left-padded.
+   transformers' ``generate`` (a) one request at a time, (b) static batches of 8, left-padded. ``--family``:
+   ``fuyu`` (hidden 512, 8 layers, vocab 1024, patch 16; FuyuForCausalLM) or ``gemma4_unified`` (hidden 512,
+   8 layers: 6 sliding (window 512) / 2 full, head dims 64 / 128, 8 heads over 4 KV heads, vocab 1024, images
+   at the default 280-soft-token budget; Gemma4UnifiedForConditionalGeneration fed by its own processor).
 2. Shared prefix: 32 requests with the same image and a long shared text, then different questions, arriving
    one after another: mean time-to-first-token with the prefix cache on vs off.
 3. KV waste: allocated-but-unfilled slots / allocated slots, averaged over the steps of run 1.
 
-    .venv/bin/python -m benchmarks.throughput [--requests 64] [--hf-requests 64] [--threads N]
+    .venv/bin/python -m benchmarks.throughput [--family fuyu|gemma4_unified] [--requests 64] [--hf-requests 64]
+                                              [--threads N]
 """
 from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 import time
 
 import numpy as np
@@ -21,6 +26,7 @@ from PIL import Image
 
 from benchmarks.common import bench_checkpoint, hf_batch
 from pipeline import Pipeline, SamplingParams
+from tokenization import MediaSlot
 
 WORDS = "what is in this picture describe the shape colour left right count how many objects".split()
 
@@ -53,26 +59,57 @@ def run_ours(pipe: Pipeline, prompts, max_tokens: list[int]) -> tuple[float, int
     return time.perf_counter() - start, tokens, float(np.mean(waste))
 
 
+class Baseline:
+    """transformers' model for the family, and its inputs for a group of requests (one left-padded batch)."""
+
+    def __init__(self, family: str, folder, pipe: Pipeline):
+        self.family, self.pipe = family, pipe
+        if family == "fuyu":
+            from transformers import FuyuForCausalLM
+
+            self.model = FuyuForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        else:
+            from transformers import AutoProcessor, Gemma4UnifiedForConditionalGeneration
+
+            self.model = Gemma4UnifiedForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+            self.processor = AutoProcessor.from_pretrained(folder)
+
+    def inputs(self, requests, prompts) -> dict:
+        if self.family == "fuyu":
+            return hf_batch(self.pipe, prompts)
+        texts = ["<|image|>" + text for text, _, _ in requests]  # the image first, as our unmarked layout
+        return dict(self.processor(text=texts, images=[[image] for _, image, _ in requests], padding=True,
+                                   padding_side="left", return_tensors="pt"))
+
+
 @torch.inference_mode()
-def run_hf_single(model, pipe, prompts, max_tokens) -> tuple[float, int]:
+def run_hf_single(baseline: Baseline, requests, prompts, max_tokens) -> tuple[float, int]:
     start, tokens = time.perf_counter(), 0
-    for prompt, n in zip(prompts, max_tokens):
-        inputs = hf_batch(pipe, [prompt])
-        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    for request, prompt, n in zip(requests, prompts, max_tokens):
+        inputs = baseline.inputs([request], [prompt])
+        out = baseline.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         tokens += out.shape[1] - inputs["input_ids"].shape[1]
     return time.perf_counter() - start, tokens
 
 
 @torch.inference_mode()
-def run_hf_static(model, pipe, prompts, max_tokens, batch: int = 8) -> tuple[float, int]:
+def run_hf_static(baseline: Baseline, requests, prompts, max_tokens, batch: int = 8) -> tuple[float, int]:
     """Static batches, left-padded; a batch runs until its longest request is done. Counts requested tokens."""
     start, tokens = time.perf_counter(), 0
     for at in range(0, len(prompts), batch):
-        group, lens = prompts[at:at + batch], max_tokens[at:at + batch]
-        model.generate(**hf_batch(pipe, group), max_new_tokens=max(lens), min_new_tokens=max(lens), do_sample=False,
-                       pad_token_id=0)
+        lens = max_tokens[at:at + batch]
+        baseline.model.generate(**baseline.inputs(requests[at:at + batch], prompts[at:at + batch]),
+                                max_new_tokens=max(lens), min_new_tokens=max(lens), do_sample=False, pad_token_id=0)
         tokens += sum(lens)
     return time.perf_counter() - start, tokens
+
+
+def make_folder(family: str):
+    if family == "fuyu":
+        return bench_checkpoint(target_size=256)
+    from samples.random_gemma4_unified import make_bench_checkpoint
+
+    return make_bench_checkpoint(tempfile.mkdtemp(prefix="fusionserve-bench-gemma4-"))
 
 
 def mean_ttft(pipe: Pipeline, prompts) -> float:
@@ -91,31 +128,32 @@ def mean_ttft(pipe: Pipeline, prompts) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=("fuyu", "gemma4_unified"), default="fuyu")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--hf-requests", type=int, default=64, help="how many of them the baselines run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every system (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import FuyuForCausalLM
-
-    folder = bench_checkpoint(target_size=256)
+    folder = make_folder(args.family)
     pipe = Pipeline.from_pretrained(str(folder), max_num_seqs=64, max_num_batched_tokens=2048, keep_freed_memory=True)
     requests = make_requests(args.requests)
     prompts = [pipe.engine.build_prompt(text, [image]) for text, image, _ in requests]
     max_tokens = [n for _, _, n in requests]
-    print(f"benchmark model, float32, CPU threads {torch.get_num_threads()}, {len(prompts)} requests, "
+    num_params = sum(p.numel() for p in pipe.engine.runner.model.parameters())
+    print(f"benchmark {args.family} ({num_params / 1e6:.1f} M parameters), float32, CPU threads "
+          f"{torch.get_num_threads()}, {len(prompts)} requests, "
           f"mean prompt {np.mean([len(p.token_ids) for p in prompts]):.0f} tokens, "
           f"mean output {np.mean(max_tokens):.0f} tokens")
     seconds, tokens, waste = run_ours(pipe, prompts, max_tokens)
     ours = tokens / seconds
     print(f"fusionserve Pipeline.generate:     {ours:8.1f} tok/s ({tokens} tokens in {seconds:.1f} s)")
-    model = FuyuForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    baseline = Baseline(args.family, folder, pipe)
     k = args.hf_requests
-    seconds, tokens = run_hf_single(model, pipe, prompts[:k], max_tokens[:k])
+    seconds, tokens = run_hf_single(baseline, requests[:k], prompts[:k], max_tokens[:k])
     single = tokens / seconds
     print(f"transformers, one at a time:       {single:8.1f} tok/s  -> ours {ours / single:.1f}x (target >= 5x)")
-    seconds, tokens = run_hf_static(model, pipe, prompts[:k], max_tokens[:k])
+    seconds, tokens = run_hf_static(baseline, requests[:k], prompts[:k], max_tokens[:k])
     static = tokens / seconds
     print(f"transformers, static batches of 8: {static:8.1f} tok/s  -> ours {ours / static:.1f}x (target >= 2x)")
     print(f"KV waste (allocated but unfilled slots), mean over steps: {100 * waste:.2f}% (target < 5%)")
@@ -126,7 +164,7 @@ def main() -> None:
     timings = {}
     for caching in (True, False):
         pipe = Pipeline.from_pretrained(str(folder), enable_prefix_caching=caching, keep_freed_memory=True)
-        shared = [pipe.engine.build_prompt(f"<image> {q}", [image]) for q in questions]
+        shared = [pipe.engine.build_prompt(["", MediaSlot("image"), f" {q}"], [image]) for q in questions]
         timings[caching] = mean_ttft(pipe, shared)
     print(f"shared prefix ({len(shared[0].token_ids)} prompt tokens): mean TTFT cache on "
           f"{timings[True] * 1e3:.1f} ms, off {timings[False] * 1e3:.1f} ms -> "

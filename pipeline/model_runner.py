@@ -71,15 +71,18 @@ class ModelRunner:
         if self.device.type == "cpu" and config.keep_freed_memory:
             keep_freed_memory()
         self.dtype = config.torch_dtype
-        self.backend = get_backend(config.attention_backend, self.device)
+        self.ctx = StepContext(None)  # this runner's step: never shared with another engine
+        self.model: CausalLM = get_family(config.model).load_model(config.model, self.ctx, self.device, self.dtype)
+        self.args = getattr(self.model, "args", None)
+        self.layers = self.model.attention_layers()
+        # the backend that can serve every layer (head dims, sliding windows, bidirectional runs)
+        self.ctx.backend = self.backend = get_backend(
+            config.attention_backend, self.device, {layer.head_dim for layer in self.layers},
+            self.model.has_bidirectional_runs or any(layer.sliding_window for layer in self.layers))
         self.block_size = config.block_size or (256 if self.backend.name == "flash" else 16)
         if self.backend.name == "flash" and self.block_size % 256:
             raise ValueError(f"the flash attention backend needs block_size a multiple of 256 (flash-attn's paged "
                              f"KV rule), got {self.block_size}; leave block_size unset or pick another backend")
-        self.ctx = StepContext(self.backend)  # this runner's step: never shared with another engine
-        self.model: CausalLM = get_family(config.model).load_model(config.model, self.ctx, self.device, self.dtype)
-        self.args = getattr(self.model, "args", None)
-        self.layers = self.model.attention_layers()
         self.max_model_len = min(config.max_model_len or self.model.max_position_embeddings,
                                  self.model.max_position_embeddings)
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(config.seed))

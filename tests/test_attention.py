@@ -154,7 +154,7 @@ def test_auto_falls_back_to_triton_when_flash_attn_does_not_import(monkeypatch, 
     import pipeline.attention as attention
 
     monkeypatch.setitem(attention.BACKENDS, "flash", ("pipeline.attention._no_such_module", "FlashBackend"))
-    monkeypatch.setattr(attention, "resolve_backend_name", lambda name, device: "flash" if name in (None, "auto")
+    monkeypatch.setattr(attention, "resolve_backend_name", lambda name, device, *needs: "flash" if name in (None, "auto")
                         else name)
     with caplog.at_level("WARNING", logger="pipeline.attention"):
         backend = attention.get_backend("auto", "cpu")

@@ -94,3 +94,15 @@ def test_prefix_cache_hit_ending_inside_an_image_run_gives_the_same_tokens(folde
     run_start, run_end = pipe.engine.build_prompt(request["prompt"], request["images"]).bidirectional_spans[0]
     assert run_start < again.usage.cached_tokens < run_end
     assert again.token_ids == alone.token_ids
+
+
+def test_triton_backend_gives_the_torch_backends_tokens(folder):
+    """Under TRITON_INTERPRET=1 (tests/conftest.py): sliding windows, image runs, per-layer head dims."""
+    request = {"prompt": "look <image> at it", "images": [_image(5)], "media_options": {"max_soft_tokens": 70}}
+    outs = {}
+    for backend in ("torch", "triton"):
+        pipe = Pipeline.from_pretrained(str(folder), block_size=16, num_blocks=64, attention_backend=backend,
+                                        max_num_batched_tokens=32)
+        assert pipe.engine.runner.backend.name == backend
+        outs[backend] = pipe.generate([request], _greedy(6))[0].token_ids
+    assert outs["triton"] == outs["torch"]

@@ -70,8 +70,7 @@ def resolve_backend_name(name: str | None, device: torch.device | str, head_dims
 def get_backend(name: str | None, device: torch.device | str, head_dims: Iterable[int] = (),
                 windows_or_runs: bool = False) -> AttentionBackend:
     head_dims = tuple(head_dims)
-    needs = (head_dims, windows_or_runs) if head_dims or windows_or_runs else ()  # none: the 2-argument call
-    resolved = resolve_backend_name(name, device, *needs)
+    resolved = resolve_backend_name(name, device, head_dims, windows_or_runs)
     module_name, class_name = BACKENDS[resolved]
     try:
         module = importlib.import_module(module_name)

@@ -26,6 +26,7 @@ class CausalLM(nn.Module, metaclass=ABCMeta):
 
     max_position_embeddings: int
     vocab_size: int
+    has_bidirectional_runs: bool = False  # its media runs attend both ways (the backend must support them)
 
     def attention_layers(self) -> list[PagedAttention]:
         """One per decoder layer, in order; the runner binds each to its part of the KV pool."""

@@ -350,6 +350,7 @@ class Gemma4UnifiedModel(CausalLM):
         super().__init__()
         self.args = args
         self.vocab_size, self.max_position_embeddings = args.vocab_size, args.max_position_embeddings
+        self.has_bidirectional_runs = bool(args.bidirectional_token_ids)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, spec, ctx) for spec in args.layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
