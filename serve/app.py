@@ -145,9 +145,10 @@ class Server:
             req, refs = await run_in_threadpool(parse_chat, raw, self.template, self.config)  # JSON + base64 off-loop
             del raw
             check_prompt_text(req.prompt, self.config)
-            req.images, req.videos = await resolve_media(refs, self.config, limit - body_len)
-            del refs
-            stream = await self.front.submit(req.prompt, req.images, req.videos, req.params, admission=admission)
+            images, videos = await resolve_media(refs, self.config, limit - body_len)
+            del refs  # the media bytes live only until the prompt is built, not while the answer runs
+            stream = await self.front.submit(req.prompt, images, videos, req.params, admission=admission)
+            del images, videos
         chat_id, created = f"chatcmpl-{stream.request_id}", int(time.time())
         head = {"id": chat_id, "created": created, "model": self.config.model_name}
         if req.stream:

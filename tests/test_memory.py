@@ -31,6 +31,7 @@ MAX_NUM_READING, MAX_UPLOAD = 4, 64 * MiB  # the server's defaults / --max-uploa
 PEAK_RSS_ABOVE_START = MAX_NUM_READING * 3 * MAX_UPLOAD + 256 * MiB
 CLIP_4K_BOUND = 320 * MiB  # what decoding 8 frames of a 3840x2160 clip may add (full-size frames: 400 MB more)
 NUM_UPLOADS = 16
+ANSWER_LEN = 200  # long enough that answered requests generate side by side: none may keep its upload meanwhile
 
 
 def _vm_hwm(pid: int) -> int:
@@ -57,7 +58,8 @@ def _chat_body(num_bytes: int) -> bytes:
     part = base64.b64encode(_padded_png(num_bytes * 3 // 4 // 3, seed=1)).decode()
     content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + part}} for _ in range(3)]
     content.append({"type": "text", "text": "What is this?"})
-    return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 2}).encode()
+    return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": ANSWER_LEN,
+                       "ignore_eos": True}).encode()
 
 
 @pytest.fixture
@@ -99,7 +101,8 @@ async def _uploads(url: str, chat_body: bytes, form_image: bytes) -> list[int]:
 
         async def form():
             files = [("image", (f"{i}.png", form_image, "image/png")) for i in range(3)]
-            return (await c.post("/v1/generate", data={"prompt": "What is <image><image><image>", "max_tokens": "2"},
+            data = {"prompt": "What is <image><image><image>", "max_tokens": str(ANSWER_LEN), "ignore_eos": "true"}
+            return (await c.post("/v1/generate", data=data,
                                  files=files)).status_code
 
         return await asyncio.gather(*(chat() if k % 2 else form() for k in range(NUM_UPLOADS)))
