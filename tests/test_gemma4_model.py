@@ -19,7 +19,8 @@ from transformers import Gemma4UnifiedForConditionalGeneration
 
 from pipeline.attention import AttentionMetadata, StepContext, get_backend
 from pipeline.models.base import StepMedia
-from pipeline.models.gemma4_unified import Gemma4Args, load_model
+from pipeline.models.gemma4_unified import load_model
+from pipeline.models.gemma4_unified_config import Gemma4Args
 from samples.random_gemma4_unified import make_checkpoint
 
 S, F = "sliding_attention", "full_attention"
