@@ -140,11 +140,11 @@ def test_media_decoding_does_not_block_the_engine(tiny_checkpoint):
         engine = Engine(EngineConfig(model=str(tiny_checkpoint), num_blocks=128, block_size=8))
         build = engine.build_prompt
 
-        def slow_build(text, images=(), videos=()):
+        def slow_build(text, images=(), videos=(), *more, **options):
             if images:
                 entered.set()
                 gate.wait(30)
-            return build(text, images, videos)
+            return build(text, images, videos, *more, **options)
 
         engine.build_prompt = slow_build
         return engine
