@@ -143,8 +143,11 @@ def patchify(image_u8: torch.Tensor | np.ndarray, cfg: PatchConfig) -> Patches:
         canvas = np.full((rows * p, cols * p, 3), cfg.padding_u8, dtype=np.uint8)
         canvas[:h, :w] = image
         image = canvas
-    data = image.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3)
-    return Patches(data=torch.from_numpy(np.ascontiguousarray(data)), rows=rows, cols=cols)
+    data = np.ascontiguousarray(
+        image.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, p * p * 3))
+    if np.may_share_memory(data, image_u8 if isinstance(image_u8, np.ndarray) else image):
+        data = data.copy()  # one patch row or one patch: still a view of the caller's (maybe read-only) pixels
+    return Patches(data=torch.from_numpy(data), rows=rows, cols=cols)
 
 
 def normalize_patches(patches_u8: torch.Tensor, cfg: PatchConfig, dtype=torch.float32) -> torch.Tensor:

@@ -39,8 +39,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_number(self.temperature) or not 0.0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 for all tokens, got {self.top_k!r}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k < 2**31:
+            raise ValueError(f"top_k must be an integer >= 1 (below 2**31), or 0 / -1 for all tokens, got {self.top_k!r}")
         if self.top_k == -1:
             self.top_k = 0
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -49,8 +49,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
         if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < float("inf"):
             raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an integer that fits 64 bits, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):

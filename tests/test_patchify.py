@@ -84,3 +84,15 @@ def test_bad_configs_and_images():
     with pytest.raises(MediaError, match="too thin"):
         patchify(torch.zeros(2, 2000, 3, dtype=torch.uint8), PatchConfig(target_height=64, target_width=64,
                                                                           patch_size=8))
+
+
+def test_one_patch_image_is_copied_out_of_a_read_only_array():
+    cfg = PatchConfig(target_height=8, target_width=8, patch_size=8)
+    pixels = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    pixels.flags.writeable = False  # as np.asarray(PIL image) gives
+    out = patchify(pixels, cfg)  # no "non-writable array" warning (warnings are errors here)
+    assert out.data.tolist() == [pixels.reshape(-1).tolist()]
+    writable = pixels.copy()
+    out = patchify(writable, cfg)
+    writable[:] = 0
+    assert out.data.tolist() == [pixels.reshape(-1).tolist()]  # not a view of the caller's array

@@ -164,6 +164,9 @@ def test_defaults_and_normalization():
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
         ({"top_k": -2}, "top_k"),
+        ({"top_k": 10**20}, "top_k"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -2**63 - 1}, "seed"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"min_p": -0.5}, "min_p"),
@@ -179,3 +182,11 @@ def test_defaults_and_normalization():
 def test_validation_errors(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         SamplingParams(**kwargs)
+
+
+def test_extreme_but_valid_seed_and_top_k_sample():
+    logits = torch.randn(2, 50)
+    params = [SamplingParams(temperature=1.0, top_k=2**31 - 1, seed=2**64 - 1),
+              SamplingParams(temperature=1.0, seed=-2**63)]
+    out = Sampler()(logits, params, [p.make_generator() for p in params])
+    assert all(0 <= t < 50 for t in out.token_ids)
