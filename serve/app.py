@@ -109,8 +109,9 @@ class Server:
         async with await self.front.admit() as admission:  # then a reading slot, then the body
             form = await within(self.config.body_read_timeout_s, read_multipart(request, self.config))
             try:
-                req = parse_form(form.fields, form.images, form.videos, self.config)
-                stream = await self.front.submit(req.prompt, req.images, req.videos, req.params, admission=admission)
+                req = parse_form(form.fields, form.images, form.videos, self.config, form.audios)
+                stream = await self.front.submit(req.prompt, req.images, req.videos, req.params, admission=admission,
+                                                 audios=req.audios, media_options=req.media_options)
             finally:
                 form.close()
         if req.stream:
@@ -145,10 +146,12 @@ class Server:
             req, refs = await run_in_threadpool(parse_chat, raw, self.template, self.config)  # JSON + base64 off-loop
             del raw
             check_prompt_text(req.prompt, self.config)
-            images, videos = await resolve_media(refs, self.config, limit - body_len)
+            images, videos, audios = await resolve_media(refs, self.config, limit - body_len,
+                                                         ("image", "video", "audio"))
             del refs  # the media bytes live only until the prompt is built, not while the answer runs
-            stream = await self.front.submit(req.prompt, images, videos, req.params, admission=admission)
-            del images, videos
+            stream = await self.front.submit(req.prompt, images, videos, req.params, admission=admission,
+                                             audios=audios, media_options=req.media_options)
+            del images, videos, audios
         chat_id, created = f"chatcmpl-{stream.request_id}", int(time.time())
         head = {"id": chat_id, "created": created, "model": self.config.model_name}
         if req.stream:
@@ -182,8 +185,11 @@ class Server:
         yield sse(b"[DONE]")
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": self.config.model_name, "object": "model",
-                                                         "created": 0, "owned_by": "fusionserve"}]})
+        model = {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "fusionserve"}
+        if self.front.engine is not None:  # vLLM's extension, and what the model takes
+            model["max_model_len"] = self.front.engine.max_model_len
+            model["modalities"] = list(self.front.modalities)
+        return JSONResponse({"object": "list", "data": [model]})
 
     async def health(self, request: Request) -> Response:
         if not self.front.is_ready:

@@ -1,12 +1,17 @@
 """OpenAI chat completions: messages -> prompt segments (text and ``MediaSlot``s) + media.
 
-Media positions are structural: each image/video part becomes a per-request random sentinel while the
+Media positions are structural: each image/video/audio part becomes a per-request random sentinel while the
 messages are rendered, and the rendered text is cut at the sentinels into ``MediaSlot``s, so text a user
-types (``<image>`` included) is only ever text.
+types (``<image>`` included) is only ever text. Parts: ``text``, ``image_url``, ``video_url``, ``audio_url``
+(data: URLs or allowed hosts) and OpenAI's ``input_audio`` (``{"data": base64, "format": "wav"}``).
+``mm_processor_kwargs`` (vLLM's extension) carries the family's media options.
 
 Prompt format. When the checkpoint has a chat template (``chat_template`` in tokenizer_config.json,
 or a ``chat_template.jinja`` file) it is rendered as transformers renders it, with
-``add_generation_prompt=True``; each message's content is its parts in order. Without a template,
+``add_generation_prompt=True``. A template that loops over ``message['content']`` gets the parts as a list
+(a media part as a text part holding its sentinel, so the template's own text handling applies to the
+text parts alone); any other gets the parts joined into one string (vLLM's "string" content format).
+Without a template,
 the plain format:
 - a single user message is its content as is (Fuyu's own prompt: media, ``<s>``, text, ``<0x04>``);
 - otherwise one line per message, ``System: ...`` / ``User: ...`` / ``Assistant: ...``, joined by
@@ -27,12 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from serve.protocol import APIError, GenerateRequest, ServerConfig, bad_request, check_media_counts, \
-    check_media_type, make_params
+from serve.protocol import MEDIA_OPTIONS_FIELD, APIError, GenerateRequest, ServerConfig, bad_request, \
+    check_media_counts, check_media_type, make_params, parse_media_options
 from tokenization import MediaSlot, Segment
 
 ROLES = ("system", "user", "assistant", "developer")
-_PART_KINDS = {"image_url": "image", "video_url": "video"}
+_PART_KINDS = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio"}
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "m4a", "mp4", "aac", "webm", "mka")  # encoders/audio.py sniffs
+_LOOPS_OVER_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\"]\s*\]|\.content\b)")
 _INT_LIMIT = 2**63  # integers must fit int64 (seeds, counts)
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 60, 60, 40
@@ -44,7 +51,7 @@ def _short(value) -> str:
 
 @dataclass
 class MediaRef:
-    kind: str  # "image" | "video"
+    kind: str  # "image" | "video" | "audio"
     data: bytes | None = None  # decoded data: URL
     url: str | None = None  # an allowed http(s) URL, fetched by the app
 
@@ -54,6 +61,7 @@ class ChatTemplate:
 
     def __init__(self, template: str | None, eos_token: str = "</s>"):
         self.source, self.eos_token = template, eos_token
+        self.takes_parts = template is not None and bool(_LOOPS_OVER_CONTENT.search(template))
         self._compiled = None
         if template is not None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -76,14 +84,21 @@ class ChatTemplate:
         eos = config.get("eos_token", "</s>")
         return cls(template, eos.get("content", "</s>") if isinstance(eos, dict) else (eos or "</s>"))
 
-    def render(self, messages: list[tuple[str, str]]) -> str:
+    def render(self, messages: list[tuple[str, str | list[str]]]) -> str:
+        """``messages``: (role, content), content a string or its parts' texts (sentinels for media)."""
+        if self._compiled is None or not self.takes_parts:
+            messages = [(r, c if isinstance(c, str) else "".join(c)) for r, c in messages]
         if self._compiled is None:
             if len(messages) == 1 and messages[0][0] == "user":
                 return messages[0][1]
             return "\n".join(f"{role.capitalize()}: {content}" for role, content in messages)
         # bos is placed by the interleaver, so the template's {{ bos_token }} renders empty
-        return self._compiled.render(messages=[{"role": r, "content": c} for r, c in messages],
+        return self._compiled.render(messages=[{"role": r, "content": _parts(c)} for r, c in messages],
                                      add_generation_prompt=True, bos_token="", eos_token=self.eos_token)
+
+
+def _parts(content: str | list[str]) -> str | list[dict]:
+    return content if isinstance(content, str) else [{"type": "text", "text": t} for t in content]
 
 
 def _raise_template_error(message: str):
@@ -104,8 +119,23 @@ def _decode_data_url(url: str, kind: str) -> bytes:
         raise bad_request(f"the {kind} data: URL is not valid base64", "bad_media") from None
 
 
+def _input_audio(part: dict) -> MediaRef:
+    value = part.get("input_audio")
+    data, fmt = (value.get("data"), value.get("format")) if isinstance(value, dict) else (None, None)
+    if not isinstance(data, str) or not data:
+        raise bad_request('an input_audio part needs {"input_audio": {"data": "<base64>", "format": "wav"}}')
+    if fmt is not None and fmt not in AUDIO_FORMATS:
+        raise bad_request(f"input_audio.format must be one of {list(AUDIO_FORMATS)}, got {_short(fmt)}", "bad_media")
+    try:
+        return MediaRef("audio", data=base64.b64decode(data, validate=True))
+    except (binascii.Error, ValueError):
+        raise bad_request("input_audio.data is not valid base64", "bad_media") from None
+
+
 def _media_ref(part: dict, kind: str, config: ServerConfig) -> MediaRef:
     name = part["type"]
+    if name == "input_audio":
+        return _input_audio(part)
     value = part.get(name)
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str) or not url:
@@ -124,8 +154,9 @@ def _media_ref(part: dict, kind: str, config: ServerConfig) -> MediaRef:
     raise bad_request(f"unsupported {kind} URL scheme {_short(scheme)}; use a data: URL", "bad_media")
 
 
-def _content(content, role: str, media: list[MediaRef], sentinel: str, config: ServerConfig) -> str:
-    """The message's text with a sentinel ``<sentinel-i>`` for the i-th media item of the request."""
+def _content(content, role: str, media: list[MediaRef], sentinel: str, config: ServerConfig) -> str | list[str]:
+    """The message's text, or its parts' texts with a sentinel ``<sentinel-i>`` for the i-th media item of the
+    request."""
     if isinstance(content, str):
         return content
     if content is None and role == "assistant":
@@ -143,8 +174,9 @@ def _content(content, role: str, media: list[MediaRef], sentinel: str, config: S
             pieces.append(f"<{sentinel}-{len(media)}>")
             media.append(_media_ref(part, _PART_KINDS[kind], config))
         else:
-            raise bad_request(f"unsupported content part {_short(kind)}; use text, image_url or video_url")
-    return "".join(pieces)
+            raise bad_request(f"unsupported content part {_short(kind)}; use text, image_url, video_url, "
+                              "input_audio or audio_url")
+    return pieces
 
 
 def _segments(text: str, sentinel: str, media: list[MediaRef]) -> tuple[list[Segment], list[MediaRef]]:
@@ -152,7 +184,7 @@ def _segments(text: str, sentinel: str, media: list[MediaRef]) -> tuple[list[Seg
     pieces = re.split(f"<{sentinel}-([0-9]+)>", text)  # text, index, text, ..., text
     order = [int(i) for i in pieces[1::2]]
     if sorted(order) != list(range(len(media))):
-        raise bad_request("the chat template dropped or repeated image/video parts of these messages",
+        raise bad_request("the chat template dropped or repeated image/video/audio parts of these messages",
                           "template_error")
     segments = [MediaSlot(media[int(p)].kind) if i % 2 else p for i, p in enumerate(pieces) if p]
     return segments, [media[i] for i in order]
@@ -216,7 +248,10 @@ def parse_chat(raw: bytes, template: ChatTemplate, config: ServerConfig) -> tupl
             raise bad_request(f"each message needs a role in {list(ROLES)}, got {_short(role)}")
         content = _content(message.get("content"), role, media, sentinel, config)
         rendered.append(("system" if role == "developer" else role, content))
-    check_media_counts(sum(m.kind == "image" for m in media), sum(m.kind == "video" for m in media), config)
+    num = {kind: sum(m.kind == kind for m in media) for kind in ("image", "video", "audio")}
+    check_media_counts(num["image"], num["video"], config, num["audio"])
+    media_options = body.get(MEDIA_OPTIONS_FIELD)
+    media_options = {} if media_options is None else parse_media_options(media_options)
     stream = _typed(body, "stream", "true or false") or False
     options = _typed(body, "stream_options", "an object") or {}
     include_usage = _typed(options, "include_usage", "true or false") or False
@@ -235,4 +270,5 @@ def parse_chat(raw: bytes, template: ChatTemplate, config: ServerConfig) -> tupl
     except UnicodeEncodeError:
         raise bad_request("the messages contain a lone surrogate (such as \\ud800), which is not text") from None
     segments, media = _segments(text, sentinel, media)
-    return GenerateRequest(segments, params=params, stream=stream, include_usage=include_usage), media
+    return GenerateRequest(segments, media_options=media_options, params=params, stream=stream,
+                           include_usage=include_usage), media

@@ -19,6 +19,8 @@ engine: every open request gets ``EngineDeadError`` and new ones ``NotReadyError
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import queue
 import threading
@@ -130,6 +132,28 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    # what the served family takes
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The media kinds of the served family (its front end's ``modalities``); () before the engine loaded."""
+        return getattr(self.engine.front_end, "modalities", ("image", "video")) if self.engine else ()
+
+    @property
+    def media_option_names(self) -> tuple[str, ...]:
+        """The keyword-only options of the front end's ``build`` (Gemma 4 Unified: ``max_soft_tokens``, ...)."""
+        if self.engine is None:
+            return ()
+        params = inspect.signature(self.engine.front_end.build).parameters.values()
+        return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+    def check_media_options(self, options: dict) -> None:
+        names = self.media_option_names
+        for key in options:
+            if key not in names:
+                takes = f"it takes {', '.join(names)}" if names else "it takes none"
+                raise ValueError(f"mm_processor_kwargs.{key[:60]} is not a media option of this model ({takes})")
+
     # requests (event loop)
 
     @property
@@ -169,10 +193,12 @@ class AsyncEngine:
         return Admission(self)
 
     async def submit(self, text: str, images=(), videos=(), params: SamplingParams | None = None,
-                     request_id: str | None = None, admission: Admission | None = None) -> RequestStream:
+                     request_id: str | None = None, admission: Admission | None = None, audios=(),
+                     media_options: dict | None = None) -> RequestStream:
         """Preprocess in the pool, then add to the engine; returns once the engine accepted the request.
-        Without ``admission`` it admits first. Raises NotReadyError, QueueFullError, or ValueError /
-        MediaError for bad input."""
+        Without ``admission`` it admits first. ``media_options`` go to ``Engine.build_prompt`` (the family's,
+        e.g. ``max_soft_tokens``). Raises NotReadyError, QueueFullError, or ValueError / MediaError for bad
+        input."""
         admission = admission or await self.admit()
         arrival = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
@@ -180,9 +206,12 @@ class AsyncEngine:
         added = False
         try:
             self._check_ready()
+            self.check_media_options(media_options or {})
+            extra = (audios,) if len(audios) else ()  # a plain (text, images, videos) call when there is no audio
+            build = functools.partial(self.engine.build_prompt, text, images, videos, *extra, **(media_options or {}))
             self.num_preprocessing += 1
             try:
-                prompt = await self._loop.run_in_executor(self._pool, self.engine.build_prompt, text, images, videos)
+                prompt = await self._loop.run_in_executor(self._pool, build)
             finally:
                 self.num_preprocessing -= 1
                 self.metrics.preprocess_seconds.observe(time.perf_counter() - arrival)

@@ -102,10 +102,10 @@ async def fetch(url: str, kind: str, config: ServerConfig, budget: _Budget) -> b
         raise bad_request(f"could not fetch the {kind} at {url!r}: {exc}", "media_fetch_failed") from None
 
 
-async def resolve_media(refs: list[MediaRef], config: ServerConfig, budget_bytes: int | None = None
-                        ) -> tuple[list[bytes], list[bytes]]:
-    """(images, videos) as bytes, in order; fetched items share ``budget_bytes`` (default: the upload limit)
-    and one deadline."""
+async def resolve_media(refs: list[MediaRef], config: ServerConfig, budget_bytes: int | None = None,
+                        kinds: tuple[str, ...] = ("image", "video")) -> tuple[list[bytes], ...]:
+    """One list of bytes per kind in ``kinds`` (default: images, videos), in order; fetched items share
+    ``budget_bytes`` (default: the upload limit) and one deadline."""
     budget = _Budget(config.max_upload_bytes if budget_bytes is None else budget_bytes, config.max_upload_bytes)
 
     async def fetch_all():
@@ -119,6 +119,4 @@ async def resolve_media(refs: list[MediaRef], config: ServerConfig, budget_bytes
         except asyncio.TimeoutError:
             raise bad_request(f"fetching this request's media took over {config.media_fetch_timeout_s:g} s; use a "
                               "faster host or send the media inline", "media_fetch_timeout") from None
-    images = [d for ref, d in zip(refs, datas) if ref.kind == "image"]
-    videos = [d for ref, d in zip(refs, datas) if ref.kind == "video"]
-    return images, videos
+    return tuple([d for ref, d in zip(refs, datas) if ref.kind == kind] for kind in kinds)

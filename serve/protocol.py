@@ -5,6 +5,7 @@ Form fields (multipart ``/v1/generate``) arrive as strings and are converted her
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from pipeline.sampling import SamplingParams
 
 IMAGE_TYPES = ("image/",)
 VIDEO_TYPES = ("video/", "application/mp4", "application/x-matroska")
+AUDIO_TYPES = ("audio/", "application/ogg") + VIDEO_TYPES  # a video's audio track works too
+MEDIA_TYPES = {"image": IMAGE_TYPES, "video": VIDEO_TYPES, "audio": AUDIO_TYPES}
+MEDIA_OPTIONS_FIELD = "mm_processor_kwargs"  # vLLM's name
 NEUTRAL_TYPES = ("", "application/octet-stream")  # no claim about the content: the decoder decides
 
 
@@ -52,6 +56,7 @@ class ServerConfig:
     max_field_bytes: int = 256 * 1024  # one non-file form field (the prompt)
     max_images: int = 16
     max_videos: int = 4
+    max_audios: int = 4
     max_queue_len: int = 256  # requests waiting beyond the engine's max_num_seqs; more -> 429
     retry_after_s: int = 1
     default_max_tokens: int = 256
@@ -75,7 +80,7 @@ class ServerConfig:
                      "retry_after_s"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("max_images", "max_videos", "max_queue_len"):
+        for name in ("max_images", "max_videos", "max_audios", "max_queue_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("media_fetch_timeout_s", "admission_wait_s", "body_read_timeout_s", "shutdown_grace_s"):
@@ -95,26 +100,46 @@ class GenerateRequest:
     prompt: str
     images: list = field(default_factory=list)  # bytes or binary file objects
     videos: list = field(default_factory=list)
+    audios: list = field(default_factory=list)
+    media_options: dict = field(default_factory=dict)  # mm_processor_kwargs -> Engine.build_prompt
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
     include_usage: bool = False  # chat streams: a last chunk with usage (stream_options.include_usage)
 
 
 def check_media_type(content_type: str, kind: str) -> None:
-    """415 when a part or data URL declares a type that cannot be an ``kind`` ("image" | "video")."""
+    """415 when a part or data URL declares a type that cannot be an ``kind`` ("image" | "video" | "audio")."""
     ct = content_type.split(";")[0].strip().lower()
-    allowed = IMAGE_TYPES if kind == "image" else VIDEO_TYPES
-    if ct in NEUTRAL_TYPES or ct.startswith(allowed):
+    if ct in NEUTRAL_TYPES or ct.startswith(MEDIA_TYPES[kind]):
         return
-    raise APIError(415, f"{kind} given with content type {ct!r}; send an {kind}/* type or "
+    article = "an" if kind[0] in "aeiou" else "a"
+    raise APIError(415, f"{kind} given with content type {ct!r}; send {article} {kind}/* type or "
                         "application/octet-stream", "unsupported_media_type")
 
 
-def check_media_counts(num_images: int, num_videos: int, config: ServerConfig) -> None:
-    if num_images > config.max_images:
-        raise bad_request(f"more than {config.max_images} images in one request", "too_many_images")
-    if num_videos > config.max_videos:
-        raise bad_request(f"more than {config.max_videos} videos in one request", "too_many_videos")
+def check_media_counts(num_images: int, num_videos: int, config: ServerConfig, num_audios: int = 0) -> None:
+    for kind, count, limit in (("image", num_images, config.max_images), ("video", num_videos, config.max_videos),
+                               ("audio", num_audios, config.max_audios)):
+        if count > limit:
+            raise bad_request(f"more than {limit} {kind}s in one request", f"too_many_{kind}s")
+
+
+def parse_media_options(value: Any) -> dict:
+    """``mm_processor_kwargs`` (a JSON object, or its text in a form) -> ``build_prompt``'s media options. Every
+    option of our families is a positive integer; which names a model takes, its engine checks."""
+    name = MEDIA_OPTIONS_FIELD
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise bad_request(f"{name} must be a JSON object such as {{\"max_soft_tokens\": 70}}") from None
+    if not isinstance(value, dict):
+        raise bad_request(f"{name} must be a JSON object such as {{\"max_soft_tokens\": 70}}")
+    for key, option in value.items():
+        if type(option) is not int or not 0 < option < INT64_LIMIT:
+            shown = repr(option) if len(repr(option)) <= 40 else repr(option)[:40] + "..."
+            raise bad_request(f"{name}.{key[:60]} must be a positive integer, got {shown}")
+    return dict(value)
 
 
 # sampling fields
@@ -122,7 +147,7 @@ def check_media_counts(num_images: int, num_videos: int, config: ServerConfig) -
 _FORM_INT = ("max_tokens", "top_k", "seed")
 _FORM_FLOAT = ("temperature", "top_p", "min_p", "repetition_penalty")
 _FORM_BOOL = ("stream", "ignore_eos")
-FORM_FIELDS = ("prompt", "stop") + _FORM_INT + _FORM_FLOAT + _FORM_BOOL
+FORM_FIELDS = ("prompt", "stop", MEDIA_OPTIONS_FIELD) + _FORM_INT + _FORM_FLOAT + _FORM_BOOL
 INT64_LIMIT = 2**63  # integer fields must fit int64 (seeds, counts)
 
 
@@ -154,19 +179,23 @@ def make_params(**values: Any) -> SamplingParams:
         raise bad_request(str(exc)) from None
 
 
-def parse_form(fields: dict[str, list[str]], images: list, videos: list, config: ServerConfig) -> GenerateRequest:
+def parse_form(fields: dict[str, list[str]], images: list, videos: list, config: ServerConfig,
+               audios: list = ()) -> GenerateRequest:
     """``/v1/generate``: ``fields`` maps each non-file field to its values (``stop`` may repeat)."""
     unknown = sorted(set(fields) - set(FORM_FIELDS))
     if unknown:
-        raise bad_request(f"unknown form field(s) {unknown}; known: {sorted(FORM_FIELDS + ('image', 'video'))}")
+        known = sorted(FORM_FIELDS + ("image", "video", "audio"))
+        raise bad_request(f"unknown form field(s) {unknown}; known: {known}")
     for name, values in fields.items():
         if name != "stop" and len(values) > 1:
             raise bad_request(f"form field {name!r} given {len(values)} times; give it once")
     if "prompt" not in fields:
         raise bad_request("the form needs a 'prompt' field", "missing_prompt")
-    check_media_counts(len(images), len(videos), config)
-    values = {name: _form_value(name, vals[0]) for name, vals in fields.items() if name not in ("prompt", "stop")}
+    check_media_counts(len(images), len(videos), config, len(audios))
+    options = parse_media_options(fields[MEDIA_OPTIONS_FIELD][0]) if MEDIA_OPTIONS_FIELD in fields else {}
+    values = {name: _form_value(name, vals[0]) for name, vals in fields.items()
+              if name not in ("prompt", "stop", MEDIA_OPTIONS_FIELD)}
     stream = values.pop("stream", False)
     values.setdefault("max_tokens", config.default_max_tokens)
     params = make_params(stop=fields.get("stop") or None, **values)
-    return GenerateRequest(fields["prompt"][0], images, videos, params, stream)
+    return GenerateRequest(fields["prompt"][0], images, videos, list(audios), options, params, stream)

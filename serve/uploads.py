@@ -19,7 +19,7 @@ from starlette.requests import Request
 from serve.protocol import APIError, ServerConfig, bad_request, check_media_counts, check_media_type
 from encoders.limits import human_size
 
-FILE_FIELDS = ("image", "video")
+FILE_FIELDS = ("image", "video", "audio")
 
 
 def too_large(limit: int) -> APIError:
@@ -75,9 +75,14 @@ class MultipartForm:
     fields: dict[str, list[str]] = field(default_factory=dict)
     images: list[SpooledTemporaryFile] = field(default_factory=list)
     videos: list[SpooledTemporaryFile] = field(default_factory=list)
+    audios: list[SpooledTemporaryFile] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[SpooledTemporaryFile]:
+        return self.images + self.videos + self.audios
 
     def close(self) -> None:
-        for f in self.images + self.videos:
+        for f in self.files:
             f.close()
 
 
@@ -110,10 +115,10 @@ class _FormBuilder:
         self.part.name = options[b"name"].decode("utf-8", "replace")
         if self.part.name in FILE_FIELDS:
             check_media_type(self.part.headers.get("content-type", ""), self.part.name)
-            files = self.form.images if self.part.name == "image" else self.form.videos
+            files = getattr(self.form, self.part.name + "s")
             self.part.file = SpooledTemporaryFile(max_size=self.config.spool_threshold_bytes)
             files.append(self.part.file)
-            check_media_counts(len(self.form.images), len(self.form.videos), self.config)
+            check_media_counts(len(self.form.images), len(self.form.videos), self.config, len(self.form.audios))
         else:
             self.part.data = bytearray()
             if sum(map(len, self.form.fields.values())) >= 64:
@@ -172,6 +177,6 @@ async def read_multipart(request: Request, config: ServerConfig) -> MultipartFor
     except BaseException:
         builder.form.close()
         raise
-    for file in builder.form.images + builder.form.videos:
+    for file in builder.form.files:
         file.seek(0)
     return builder.form

@@ -11,6 +11,7 @@ import io
 import socket
 import threading
 import time
+import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -76,6 +77,21 @@ def mp4_bytes(num_frames: int = 12, size: int = 48, fps: int = 6, height: int | 
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def wav_bytes(num_samples: int = 6400, seed: int = 0) -> tuple[bytes, np.ndarray]:
+    """A 16 kHz mono 16-bit WAV written with ``wave`` (a tone and noise), and its samples as a decoder gives them
+    (s16 / 32768)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(num_samples) / 16_000
+    pcm = (8000 * np.sin(2 * np.pi * 440 * t) + rng.normal(0, 2000, num_samples)).astype(np.int16)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16_000)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue(), pcm.astype(np.float32) / 32768
 
 
 class MediaHost(http.server.ThreadingHTTPServer):

@@ -171,3 +171,41 @@ def test_fuzz_fields_give_a_request_or_a_4xx():
             assert exc.status in (400, 415), (body, exc.status)
         else:
             assert all(isinstance(s, (str, MediaSlot)) for s in req.prompt)
+
+
+def _audio(data=b"RIFF....WAVE", fmt="wav"):
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
+
+
+def test_audio_parts_and_media_options():
+    url = {"type": "audio_url", "audio_url": {"url": "data:audio/mpeg;base64," + base64.b64encode(b"mp3").decode()}}
+    req, media = _chat({"messages": [{"role": "user", "content": [_text("Hear "), _audio(), _image(), url]}],
+                        "mm_processor_kwargs": {"max_soft_tokens": 70}}, TEMPLATE)
+    assert req.prompt == ["<|user|>Hear ", MediaSlot("audio"), MediaSlot("image"), MediaSlot("audio"),
+                          "\n<|assistant|>"]
+    assert [(m.kind, m.data) for m in media] == [("audio", b"RIFF....WAVE"), ("image", b"not decoded by the parser"),
+                                                 ("audio", b"mp3")]
+    assert req.media_options == {"max_soft_tokens": 70}
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"content": [_audio(fmt="midi")]}, 400, "input_audio.format"),
+    ({"content": [{"type": "input_audio", "input_audio": {"format": "wav"}}]}, 400, "needs"),
+    ({"content": [_audio()] * 5}, 400, "more than 4 audios"),
+    ({"content": "x", "mm_processor_kwargs": {"max_soft_tokens": True}}, 400, "mm_processor_kwargs.max_soft_tokens"),
+    ({"content": "x", "mm_processor_kwargs": [70]}, 400, "mm_processor_kwargs must be a JSON object"),
+])
+def test_bad_audio_parts_and_options(body, status, words):
+    extra = {k: v for k, v in body.items() if k != "content"}
+    with pytest.raises(APIError) as raised:
+        parse_chat(json.dumps({"messages": [{"role": "user", "content": body["content"]}], **extra}).encode(), PLAIN,
+                   ServerConfig(max_audios=4))
+    assert raised.value.status == status and words in raised.value.message
+
+
+def test_templates_that_loop_over_parts_get_parts():
+    loop = ChatTemplate("{% for m in messages %}{% for p in m['content'] %}[{{ p['text'] | trim }}]{% endfor %}"
+                        "{% endfor %}")
+    assert loop.takes_parts and not TEMPLATE.takes_parts
+    req, _ = _chat({"messages": [{"role": "user", "content": [_text(" a "), _image(), _text(" b ")]}]}, loop)
+    assert req.prompt == ["[a][", MediaSlot("image"), "][b]"]

@@ -146,6 +146,8 @@ def _hash(kind: str, vision: list[SoftTokenRows], audio: torch.Tensor | None, ex
 class Gemma4UnifiedLayout:
     """Thread-safe: no state changes after construction (the tokenizer is reentrant)."""
 
+    modalities = ("image", "video", "audio")
+
     def __init__(self, tokenizer: Tokenizer, media_config: Gemma4MediaConfig, special: SpecialTokens | None = None,
                  limits: MediaLimits | None = None, video_sampling: VideoSampling | None = None,
                  max_prompt_tokens: int | None = None, audio_limits: AudioLimits | None = None):

@@ -136,6 +136,8 @@ def to_segments(prompt: str | Sequence[Segment], num_images: int, num_videos: in
 class Interleaver:
     """Thread-safe: no state changes after construction (the tokenizer is reentrant)."""
 
+    modalities = ("image", "video")
+
     def __init__(self, tokenizer: TextTokenizer, patch_config: PatchConfig, limits: MediaLimits | None = None,
                  video_sampling: VideoSampling | None = None, max_prompt_tokens: int | None = None):
         if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or
