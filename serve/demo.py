@@ -2,7 +2,9 @@
 
 It submits to the same ``AsyncEngine`` as ``/v1/generate`` (``app.state.front``): one model, one KV
 pool, and demo requests batch with API requests. The answer streams as the engine steps; the stats
-line shows tokens/s, time to first token and the prompt-token count (cached tokens included).
+line shows tokens/s, time to first token and the prompt-token count (cached tokens included). The audio
+input (upload or microphone) and its example questions are shown on page load when the served family
+takes audio (``AsyncEngine.modalities``).
 """
 from __future__ import annotations
 
@@ -27,35 +29,42 @@ IMAGE_QUESTIONS = ("What color is the shape?", "What shape is this?", "How many 
                    "Describe the image.")
 VIDEO_QUESTION = "Which way is the shape moving?"
 QUESTIONS = IMAGE_QUESTIONS + (VIDEO_QUESTION,)
+AUDIO_QUESTIONS = ("What do you hear?", "Transcribe the audio.")
+AUDIO_QUESTION = AUDIO_QUESTIONS[0]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
+AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".m4a")
+READY_WAIT_S = 120.0  # a page opened while the model loads waits this long to learn what it takes
 
 
 @dataclass
 class DemoExample:
-    """One click: a sample image or clip with its question (a ``NAME.txt`` beside the file overrides it)."""
+    """One click: a sample image, clip or sound with its question (a ``NAME.txt`` beside the file overrides it)."""
 
     image: str | None
     video: str | None
     question: str
+    audio: str | None = None
 
     def row(self) -> list:
-        return [self.image, self.video, self.question]
+        return [self.image, self.video, self.audio, self.question]
 
 
-def find_examples(media_dir: Path = MEDIA_DIR) -> list[DemoExample]:
-    """Images, then clips, from ``media_dir`` in name order; none when the folder is missing."""
+def find_examples(media_dir: Path = MEDIA_DIR, with_audio: bool = False) -> list[DemoExample]:
+    """Images, clips, then (``with_audio``) sounds from ``media_dir`` in name order; none when it is missing."""
     media_dir = Path(media_dir)
     files = sorted(media_dir.iterdir()) if media_dir.is_dir() else []
+    kinds = (("image", IMAGE_SUFFIXES, "Describe the image."), ("video", VIDEO_SUFFIXES, VIDEO_QUESTION),
+             ("audio", AUDIO_SUFFIXES, AUDIO_QUESTION))[:3 if with_audio else 2]
     examples = []
-    for suffixes, is_video in ((IMAGE_SUFFIXES, False), (VIDEO_SUFFIXES, True)):
+    for kind, suffixes, default in kinds:
         for path in files:
             if path.suffix.lower() not in suffixes:
                 continue
             sidecar = path.with_suffix(".txt")
             question = sidecar.read_text().strip().splitlines()[0] if sidecar.is_file() else ""
-            question = question or (VIDEO_QUESTION if is_video else "Describe the image.")
-            examples.append(DemoExample(None if is_video else str(path), str(path) if is_video else None, question))
+            media = {k: str(path) if k == kind else None for k in ("image", "video", "audio")}
+            examples.append(DemoExample(question=question or default, **media))
     return examples
 
 
@@ -91,15 +100,26 @@ class Demo:
     def __init__(self, front: AsyncEngine):
         self.front = front
 
-    async def answer(self, image: str | None, video: str | None, question: str, max_tokens: float,
-                     temperature: float, top_p: float, top_k: float, seed: float | None
+    async def takes_audio(self) -> bool:
+        """Whether the served family takes audio (waits for the engine to load)."""
+        await self.front.wait_ready(READY_WAIT_S)
+        return "audio" in self.front.modalities
+
+    async def show_audio(self) -> tuple[dict, dict]:
+        """On page load: the audio input and its example questions, shown when the model takes audio."""
+        visible = await self.takes_audio()
+        return gr.update(visible=visible), gr.update(visible=visible)
+
+    async def answer(self, image: str | None, video: str | None, audio: str | None, question: str,
+                     max_tokens: float, temperature: float, top_p: float, top_k: float, seed: float | None
                      ) -> AsyncIterator[tuple[str, str]]:
         """Yields (answer so far, stats markdown) after every engine step that adds text."""
         question = (question or "").strip()
         if not question:
             raise gr.Error("Type a question, or pick one of the example questions.")
-        if not image and not video:
-            raise gr.Error("Upload an image or a video (or click one of the sample media).")
+        if not image and not video and not audio:
+            raise gr.Error("Upload an image or a video (or a sound, where the model takes audio), or click one of "
+                           "the sample media.")
         try:
             params = SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p),
                                     top_k=int(top_k), seed=None if seed is None or seed < 0 else int(seed))
@@ -107,7 +127,8 @@ class Demo:
             raise gr.Error(f"Bad sampling setting: {exc}") from exc
         start = time.perf_counter()
         try:
-            stream = await self.front.submit(question, [image] if image else [], [video] if video else [], params)
+            stream = await self.front.submit(question, [image] if image else [], [video] if video else [], params,
+                                             audios=[audio] if audio else [])
         except (ValueError, QueueFullError, NotReadyError) as exc:  # bad media / prompt too long, busy, loading
             raise gr.Error(str(exc)) from exc
         stats = GenerationStats()
@@ -134,17 +155,21 @@ class Demo:
 def build_demo(front: AsyncEngine, examples: list[DemoExample] | None = None, max_tokens_limit: int = 512) -> gr.Blocks:
     demo = Demo(front)
     with gr.Blocks(title="fusionserve demo", analytics_enabled=False) as blocks:
-        gr.Markdown("## fusionserve\nAsk about an image or a short video. The answer streams from the "
-                    "same engine as the HTTP API.")
+        gr.Markdown("## fusionserve\nAsk about an image, a short video or (where the model takes audio) a sound. "
+                    "The answer streams from the same engine as the HTTP API.")
         with gr.Row():
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", image_mode=None, sources=["upload"],
                                  elem_id="image")
                 video = gr.Video(label="Video", sources=["upload"], include_audio=True, format=None,
                                  elem_id="video")
+                audio = gr.Audio(label="Audio", type="filepath", sources=["upload", "microphone"], format=None,
+                                 visible=False, elem_id="audio")  # format=None: the upload as sent
             with gr.Column():
                 question = gr.Textbox(label="Question", value=QUESTIONS[0], lines=2, elem_id="question")
                 gr.Examples([[q] for q in QUESTIONS], inputs=[question], label="Example questions")
+                with gr.Column(visible=False) as audio_questions:
+                    gr.Examples([[q] for q in AUDIO_QUESTIONS], inputs=[question], label="Example audio questions")
                 with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     stop = gr.Button("Stop", elem_id="stop")
@@ -157,9 +182,10 @@ def build_demo(front: AsyncEngine, examples: list[DemoExample] | None = None, ma
                     top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k (0: all)")
                     seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (-1: random)")
         if examples:
-            gr.Examples([e.row() for e in examples], inputs=[image, video, question], label="Sample media",
+            gr.Examples([e.row() for e in examples], inputs=[image, video, audio, question], label="Sample media",
                         examples_per_page=12)
-        inputs = [image, video, question, max_tokens, temperature, top_p, top_k, seed]
+        blocks.load(demo.show_audio, None, [audio, audio_questions], api_name=False)
+        inputs = [image, video, audio, question, max_tokens, temperature, top_p, top_k, seed]
         event = gr.on([ask.click, question.submit], demo.answer, inputs, [answer, stats], api_name="answer",
                       concurrency_limit=None)  # the engine batches; its queue limit answers overload
         stop.click(None, cancels=[event])

@@ -2,6 +2,7 @@
 streamed answers equal to the API's (whose ids are transformers' greedy ids), stats, examples, errors, Stop."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -15,9 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.config import EngineConfig
 from pipeline.engine import Engine
 from serve.app import create_app
-from serve.demo import DEMO_PATH, QUESTIONS, VIDEO_QUESTION, find_examples, mount_demo
+from serve.demo import AUDIO_QUESTION, DEMO_PATH, QUESTIONS, VIDEO_QUESTION, Demo, find_examples, mount_demo
 from serve.protocol import ServerConfig
-from server_fixtures import mp4_bytes, png_bytes, running_server
+from gemma4_fixtures import gemma4_folder  # noqa: F401 (fixture)
+from server_fixtures import mp4_bytes, png_bytes, running_server, wav_bytes
 
 gradio_client = pytest.importorskip("gradio_client")
 pytestmark = [
@@ -40,7 +42,7 @@ def media_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_server(tiny_checkpoint, media_dir):
+def demo_app(tiny_checkpoint, media_dir):
     engine_config = EngineConfig(model=str(tiny_checkpoint), num_blocks=300, block_size=8)
     engines = []
 
@@ -50,6 +52,12 @@ def demo_server(tiny_checkpoint, media_dir):
 
     app = create_app(engine_config, ServerConfig(), engine_factory=factory)
     mount_demo(app, media_dir=media_dir)
+    return app, engines
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_app):
+    app, engines = demo_app
     with running_server(app) as url:
         yield url, engines
 
@@ -69,9 +77,9 @@ def _finished(url: str, reason: str) -> float:
     return _metrics(url).get(f'fusionserve_request_finish_total{{"reason": "{reason}"}}', 0.0)
 
 
-def _ask(client, image=None, video=None, question="What is this?", **args) -> list[tuple[str, str]]:
-    job = client.submit(image and gradio_client.handle_file(str(image)), video and gradio_client.handle_file(str(video)),
-                        question, *{**ARGS, **args}.values(), api_name="/answer")
+def _ask(client, image=None, video=None, question="What is this?", audio=None, **args) -> list[tuple[str, str]]:
+    files = [m and gradio_client.handle_file(str(m)) for m in (image, video, audio)]
+    job = client.submit(*files, question, *{**ARGS, **args}.values(), api_name="/answer")
     job.result(timeout=120)
     return [tuple(out) for out in job.outputs()]
 
@@ -145,7 +153,7 @@ def test_bad_input_is_a_message_for_the_user(client, media_dir, tmp_path):
 def test_stop_aborts_the_request_and_frees_its_kv_blocks(demo_server, client, media_dir):
     url, _ = demo_server
     aborted_before = _finished(url, "abort")
-    job = client.submit(gradio_client.handle_file(str(media_dir / "b_shapes.png")), None, "What is this?",
+    job = client.submit(gradio_client.handle_file(str(media_dir / "b_shapes.png")), None, None, "What is this?",
                         *{**ARGS, "max_tokens": 512}.values(), api_name="/answer")
     deadline = time.monotonic() + 60
     while not job.outputs() and time.monotonic() < deadline:
@@ -177,3 +185,33 @@ def test_sampling_controls_reach_the_engine(demo_server, client, media_dir):
                      files={"image": ("a.jpg", image.read_bytes(), "image/jpeg")}, timeout=60).json()
     assert _ask(client, image=image, **sampled)[-1][0] == api["text"]
     assert _ask(client, image=image, max_tokens=8)[-1][0] != api["text"]  # greedy differs: the settings were used
+
+
+def test_audio_is_shown_only_for_a_family_that_takes_it(demo_app, demo_server, media_dir):
+    url, _ = demo_server
+    assert asyncio.run(Demo(demo_app[0].state.front).takes_audio()) is False
+    config = httpx.get(url + DEMO_PATH + "/config", timeout=30).json()
+    (audio,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "audio"]
+    assert audio["props"]["visible"] is False and audio["props"]["sources"] == ["upload", "microphone"]
+    assert [e.audio for e in find_examples(media_dir, with_audio=True) if e.audio] == []
+
+
+@pytest.fixture(scope="module")
+def gemma_demo(gemma4_folder, tmp_path_factory):
+    app = create_app(EngineConfig(model=str(gemma4_folder), num_blocks=256, block_size=8), ServerConfig())
+    mount_demo(app, media_dir=tmp_path_factory.mktemp("no-media"))
+    with running_server(app) as url:
+        yield url, app
+
+
+def test_an_audio_question_on_gemma_matches_the_api(gemma_demo, tmp_path):
+    url, app = gemma_demo
+    assert asyncio.run(Demo(app.state.front).takes_audio()) is True
+    sound = tmp_path / "tone.wav"
+    sound.write_bytes(wav_bytes()[0])
+    api = httpx.post(url + "/v1/generate", data={"prompt": AUDIO_QUESTION, "max_tokens": "8", "temperature": "0"},
+                     files={"audio": ("tone.wav", sound.read_bytes(), "audio/wav")}, timeout=60).json()
+    client = gradio_client.Client(url + DEMO_PATH + "/", verbose=False)
+    text, stats = _ask(client, audio=sound, question=AUDIO_QUESTION, max_tokens=8)[-1]
+    assert text == api["text"]
+    assert int(STATS.search(stats).group(2)) == api["usage"]["prompt_tokens"]
