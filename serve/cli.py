@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body")
     serve.add_argument("--max-images", type=int, default=16, help="images per request")
     serve.add_argument("--max-videos", type=int, default=4, help="videos per request")
+    serve.add_argument("--max-audios", type=int, default=4, help="audio clips per request (families that take audio)")
     serve.add_argument("--max-queue-len", type=int, default=256,
                        help="requests waiting beyond --max-num-seqs before 429")
     serve.add_argument("--allowed-media-host", action="append", default=[],
@@ -102,7 +103,8 @@ def _serve(args) -> int:
     budget = thread_budget(available_cpus(), engine.video_sampling.decoder_threads, args.torch_threads,
                            args.media_workers)
     config = ServerConfig(api_key=args.api_key, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                          max_images=args.max_images, max_videos=args.max_videos, max_queue_len=args.max_queue_len,
+                          max_images=args.max_images, max_videos=args.max_videos,
+                          max_audios=args.max_audios, max_queue_len=args.max_queue_len,
                           allowed_media_hosts=tuple(args.allowed_media_host),
                           allowed_media_ports=tuple(args.allowed_media_port) or ServerConfig.allowed_media_ports,
                           allow_private_media_addresses=args.allow_private_media_addresses,
