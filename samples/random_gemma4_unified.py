@@ -176,6 +176,8 @@ def make_checkpoint(out_dir: str | Path, *, seed: int = 0, max_soft_tokens: int 
         model = Gemma4UnifiedForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
     if perturb_norms:
         _perturb_norms(model, torch.Generator().manual_seed(seed + 1))
+    # as the published checkpoints: a chat answer ends at <eos> or at the end of its turn
+    model.generation_config.eos_token_id = [tok.token_to_id("<eos>"), tok.token_to_id("<turn|>")]
     model.save_pretrained(out_dir)
     make_processor(tok, max_soft_tokens=max_soft_tokens, video_max_soft_tokens=video_max_soft_tokens,
                    video_num_frames=video_num_frames, patch_size=patch_size, pooling_kernel_size=pooling_kernel_size,

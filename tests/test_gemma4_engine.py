@@ -106,3 +106,9 @@ def test_triton_backend_gives_the_torch_backends_tokens(folder):
         assert pipe.engine.runner.backend.name == backend
         outs[backend] = pipe.generate([request], _greedy(6))[0].token_ids
     assert outs["triton"] == outs["torch"]
+
+
+def test_a_chat_answer_ends_at_the_end_of_its_turn(folder):
+    pipe = Pipeline.from_pretrained(str(folder), num_blocks=64)
+    turn_end = pipe.tokenizer.tokenizer.token_to_id("<turn|>")
+    assert {pipe.tokenizer.eos_token_id, turn_end} <= pipe.engine.eos_token_ids  # generation_config.json's list
