@@ -19,6 +19,7 @@ engine: every open request gets ``EngineDeadError`` and new ones ``NotReadyError
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -175,14 +176,16 @@ class AsyncEngine:
         engine is full, after ``wait_s`` when every reading slot stays taken)."""
         self._check_room()
         wait_s = self.admission_wait_s if wait_s is None else wait_s
-        try:
-            if self._reading.locked():
-                await asyncio.wait_for(self._reading.acquire(), wait_s)
-            else:
-                await self._reading.acquire()  # at once
-        except asyncio.TimeoutError:
+        acquire = asyncio.ensure_future(self._reading.acquire())
+        done, _ = await asyncio.wait({acquire}, timeout=wait_s)
+        if not done:
+            acquire.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acquire
+            if not acquire.cancelled():  # it got the slot as the wait ran out: give it back
+                self._reading.release()
             raise QueueFullError(f"{self.max_num_reading} requests are being read or decoded and none finished "
-                                 f"within {wait_s:g} s") from None
+                                 f"within {wait_s:g} s")
         try:
             self._check_room()
         except BaseException:

@@ -75,7 +75,10 @@ async def _checked_address(url: httpx.URL, kind: str, config: ServerConfig) -> s
 
 
 async def fetch(url: str, kind: str, config: ServerConfig, budget: _Budget) -> bytes:
-    target = httpx.URL(url)
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise bad_request(f"the {kind} URL is malformed: {exc}", "bad_media") from None
     address = await _checked_address(target, kind, config)
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     try:

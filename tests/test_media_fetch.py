@@ -114,3 +114,12 @@ def test_one_byte_budget_for_all_items():
         assert _fetch(config, "/big.png") == ([big], [])  # one fits
         _refused(config, "/big.png", "/big.png", status=413, code="payload_too_large")  # two do not
         _refused(config, "/big.png", status=413, budget=500_000)  # what the body left
+
+
+@pytest.mark.parametrize("url", ["http://media.test:abc/x.png", "http://media.test/\u0000.png",
+                                 "http://media.test/" + "a" * 70_000])
+def test_a_malformed_url_is_a_400(url):
+    config = _config(80)
+    with pytest.raises(APIError) as raised:
+        asyncio.run(resolve_media([MediaRef("image", url=url)], config, None))
+    assert raised.value.status == 400
