@@ -54,6 +54,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._admit_alone = False  # the next step admits the head of the queue alone (its span needs the budget)
 
     @property
     def num_running(self) -> int:
@@ -91,7 +92,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        i = 0
+        i = len(self.running) if self._admit_alone else 0  # running requests wait one step
+        self._admit_alone = False
         while i < len(self.running) and budget > 0:  # running: decodes and prefill chunks
             req = self.running[i]
             num_new = req.num_tokens - req.num_computed_tokens
@@ -124,7 +126,10 @@ class Scheduler:
             if not self.enable_chunked_prefill and num_new > budget:
                 break
             num_new = self._fit(req, num_cached, num_new, budget, alone=out.is_empty)
-            if not num_new or not self.block_manager.can_allocate(req, num_new, cached_blocks):
+            if not num_new:
+                self._admit_alone = self._span_len(req, num_cached) > self.max_num_batched_tokens
+                break
+            if not self.block_manager.can_allocate(req, num_new, cached_blocks):
                 break
             self.waiting.popleft()
             req.num_computed_tokens = num_cached

@@ -302,3 +302,17 @@ def test_a_prefix_hit_ending_inside_a_span_schedules_the_rest_of_it_whole():
     assert again.num_cached_tokens == 12  # the hit ends inside the span [6, 22)
     assert steps[0][0][0] == "b" and steps[0][0][1] >= 10  # the rest of the span, whole, in the first step
     assert cuts["b"] == []
+
+
+def test_a_waiting_span_longer_than_the_budget_is_admitted_alone_while_others_decode():
+    sched, runner = make_scheduler(num_blocks=80, budget=32, max_num_seqs=4)
+    long_decode = make_req("a", prompt_len=4, max_tokens=100, seed=1)
+    big = make_req("b", prompt_len=42, seed=2, media=[(0, 40, "img")], atomic=[(0, 40)])
+    behind = make_req("c", prompt_len=2, seed=3)
+    for r in (long_decode, big, behind):
+        sched.add(r)
+    cuts, steps = _chunks_split(sched, runner, [long_decode, big, behind])
+    first_b = next(i for i, step in enumerate(steps) if any(rid == "b" for rid, _ in step))
+    assert steps[first_b] == [("b", 40)]  # alone
+    assert first_b < 10  # not after "a" finished its 100 tokens
+    assert cuts["b"] == []
