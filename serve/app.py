@@ -252,7 +252,8 @@ def create_app(engine_config: EngineConfig | None = None, config: ServerConfig |
     front = AsyncEngine(engine_factory or (lambda: Engine(engine_config)), metrics, config.max_queue_len,
                         config.num_preprocess_workers, config.max_num_reading, config.admission_wait_s,
                         config.max_step_failures)
-    server = Server(front, config, ChatTemplate.from_pretrained(engine_config.model))
+    template = ChatTemplate.from_pretrained(engine_config.model)
+    server = Server(front, config, template)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -278,5 +279,5 @@ def create_app(engine_config: EngineConfig | None = None, config: ServerConfig |
     handled = (APIError, ValueError, QueueFullError, NotReadyError, EngineDeadError, HTTPException, Exception)
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=dict.fromkeys(handled, on_error))
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
-    app.state.front, app.state.config = front, config
+    app.state.front, app.state.config, app.state.template = front, config, template
     return app

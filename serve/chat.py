@@ -179,6 +179,15 @@ def _content(content, role: str, media: list[MediaRef], sentinel: str, config: S
     return pieces
 
 
+def user_turn(template: ChatTemplate, question: str, kinds: list[str]) -> list[Segment]:
+    """One user message — its media (``kinds``: "image" / "video" / "audio", in order), then ``question`` — as
+    the checkpoint's template renders it, cut into segments (the question is text, never parsed for markers)."""
+    sentinel = secrets.token_hex(16)
+    content = [f"<{sentinel}-{i}>" for i in range(len(kinds))] + [question]
+    segments, _ = _segments(template.render([("user", content)]), sentinel, [MediaRef(k) for k in kinds])
+    return segments
+
+
 def _segments(text: str, sentinel: str, media: list[MediaRef]) -> tuple[list[Segment], list[MediaRef]]:
     """Rendered text -> segments, and the media in the order their slots came out of the template."""
     pieces = re.split(f"<{sentinel}-([0-9]+)>", text)  # text, index, text, ..., text

@@ -21,6 +21,7 @@ import gradio as gr  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 
 from pipeline.sampling import SamplingParams  # noqa: E402
+from serve.chat import ChatTemplate, user_turn  # noqa: E402
 from serve.engine_loop import AsyncEngine, EngineDeadError, NotReadyError, QueueFullError  # noqa: E402
 
 DEMO_PATH = "/demo"
@@ -97,8 +98,8 @@ class GenerationStats:
 class Demo:
     """The handler behind the page: one streamed answer per click, on the shared engine."""
 
-    def __init__(self, front: AsyncEngine):
-        self.front = front
+    def __init__(self, front: AsyncEngine, template: ChatTemplate | None = None):
+        self.front, self.template = front, template or ChatTemplate(None)
 
     async def takes_audio(self) -> bool:
         """Whether the served family takes audio (waits for the engine to load)."""
@@ -127,7 +128,9 @@ class Demo:
             raise gr.Error(f"Bad sampling setting: {exc}") from exc
         start = time.perf_counter()
         try:
-            stream = await self.front.submit(question, [image] if image else [], [video] if video else [], params,
+            kinds = ["image"] * bool(image) + ["video"] * bool(video) + ["audio"] * bool(audio)
+            prompt = user_turn(self.template, question, kinds)  # the checkpoint's chat template, as the chat API
+            stream = await self.front.submit(prompt, [image] if image else [], [video] if video else [], params,
                                              audios=[audio] if audio else [])
         except (ValueError, QueueFullError, NotReadyError) as exc:  # bad media / prompt too long, busy, loading
             raise gr.Error(str(exc)) from exc
@@ -152,8 +155,9 @@ class Demo:
             stream.close()  # aborts it when the page stopped or left mid-answer
 
 
-def build_demo(front: AsyncEngine, examples: list[DemoExample] | None = None, max_tokens_limit: int = 512) -> gr.Blocks:
-    demo = Demo(front)
+def build_demo(front: AsyncEngine, examples: list[DemoExample] | None = None, max_tokens_limit: int = 512,
+               template: ChatTemplate | None = None) -> gr.Blocks:
+    demo = Demo(front, template)
     with gr.Blocks(title="fusionserve demo", analytics_enabled=False) as blocks:
         gr.Markdown("## fusionserve\nAsk about an image, a short video or (where the model takes audio) a sound. "
                     "The answer streams from the same engine as the HTTP API.")
@@ -198,7 +202,7 @@ def mount_demo(app: Starlette, path: str = DEMO_PATH, media_dir: Path = MEDIA_DI
     allowed = [str(Path(media_dir).resolve())] if Path(media_dir).is_dir() else []
 
     def build_and_mount() -> gr.Blocks:
-        blocks = build_demo(front, find_examples(media_dir))
+        blocks = build_demo(front, find_examples(media_dir), template=app.state.template)
         gr.mount_gradio_app(app, blocks, path, allowed_paths=allowed, max_file_size=config.max_upload_bytes,
                             footer_links=[], run_history=False, ssr_mode=False, mcp_server=False)
         return blocks

@@ -209,3 +209,14 @@ def test_templates_that_loop_over_parts_get_parts():
     assert loop.takes_parts and not TEMPLATE.takes_parts
     req, _ = _chat({"messages": [{"role": "user", "content": [_text(" a "), _image(), _text(" b ")]}]}, loop)
     assert req.prompt == ["[a][", MediaSlot("image"), "][b]"]
+
+
+def test_user_turn_renders_the_template_with_structural_media(tmp_path):
+    from serve.chat import ChatTemplate, user_turn
+    from tokenization import MediaSlot
+
+    plain = user_turn(ChatTemplate(None), "What is <image> here?", ["image"])
+    assert plain == [MediaSlot("image"), "What is <image> here?"]  # the question stays text
+    template = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}</t>{% endfor %}<assistant>")
+    assert user_turn(template, "Hi?", ["image", "audio"]) == ["<user>", MediaSlot("image"), MediaSlot("audio"),
+                                                              "Hi?</t><assistant>"]

@@ -3,6 +3,7 @@ streamed answers equal to the API's (whose ids are transformers' greedy ids), st
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
@@ -209,9 +210,13 @@ def test_an_audio_question_on_gemma_matches_the_api(gemma_demo, tmp_path):
     assert asyncio.run(Demo(app.state.front).takes_audio()) is True
     sound = tmp_path / "tone.wav"
     sound.write_bytes(wav_bytes()[0])
-    api = httpx.post(url + "/v1/generate", data={"prompt": AUDIO_QUESTION, "max_tokens": "8", "temperature": "0"},
-                     files={"audio": ("tone.wav", sound.read_bytes(), "audio/wav")}, timeout=60).json()
+    # the demo renders its question through the checkpoint's chat template, as the chat API does
+    audio_part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(sound.read_bytes()).decode(),
+                                                         "format": "wav"}}
+    api = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": [audio_part, {"type": "text", "text": AUDIO_QUESTION}]}],
+        "max_tokens": 8, "temperature": 0}).json()
     client = gradio_client.Client(url + DEMO_PATH + "/", verbose=False)
     text, stats = _ask(client, audio=sound, question=AUDIO_QUESTION, max_tokens=8)[-1]
-    assert text == api["text"]
+    assert text == api["choices"][0]["message"]["content"]
     assert int(STATS.search(stats).group(2)) == api["usage"]["prompt_tokens"]
