@@ -69,7 +69,8 @@ def load_audio(src: MediaSource, sampling_rate: int = 16_000, limits: AudioLimit
     data = read_source(src, limits.max_audio_bytes, "audio")
     fmt = sniff_format(data)
     try:
-        container = av.open(io.BytesIO(data), mode="r", format=fmt)
+        container = av.open(io.BytesIO(data), mode="r", format=fmt,
+                            container_options={"protocol_whitelist": "none"})  # no nested file or URL, as video
     except av.FFmpegError as e:
         raise MediaError(f"not a readable {FORMATS[fmt]} file: the data is truncated or corrupt") from e
     try:
