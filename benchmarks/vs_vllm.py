@@ -322,6 +322,8 @@ def chat_client(prompt_tokens: list[int]):
     """serve/load.py's per-request coroutine for OpenAI chat streams, which both servers speak."""
     import httpx
 
+    from serve.load import sse_events
+
     async def one(client: httpx.AsyncClient, spec, image: bytes, result) -> None:
         url = "data:image/png;base64," + base64.b64encode(image).decode()
         # add_special_tokens: vLLM's tokenizer adds <s>, which its Fuyu processor replaces with image + <s>
@@ -339,10 +341,7 @@ def chat_client(prompt_tokens: list[int]):
                     result.error(f"HTTP {response.status_code}: {text[:200]!r}")
                 return
             last, finished, usage = None, False, None
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
+            async for event in sse_events(response):
                 if "error" in event:
                     result.error(str(event["error"]))
                     return
@@ -364,9 +363,6 @@ def chat_client(prompt_tokens: list[int]):
 
 
 def http_round(runner: Runner, system: str, mode: str, setting: str, loads: list[tuple[int, int]]) -> dict:
-    from unittest import mock
-
-    import serve.load
     from serve.load import LoadSpec, run_load
 
     args, port = runner.args, free_port()
@@ -408,9 +404,8 @@ def http_round(runner: Runner, system: str, mode: str, setting: str, loads: list
                 spec = LoadSpec(url=url, num_clients=num_clients, num_requests=num_requests, duration_s=args.http_s,
                                 max_tokens=args.http_max_tokens, image_size=128, prompt="Describe the image.")
                 wait_quiet(args.quiet_s)
-                client = chat_client(prompt_tokens) if endpoint == "chat" else serve.load._one
-                with mock.patch.object(serve.load, "_one", client):
-                    result = asyncio.run(run_load(spec))
+                client = chat_client(prompt_tokens) if endpoint == "chat" else None  # None: multipart
+                result = asyncio.run(run_load(spec, client))
                 if warmup:
                     if result.num_errors and system == "ours":  # our own multipart endpoint, the same client loop
                         endpoint = "generate"

@@ -12,6 +12,7 @@ import io
 import json
 import statistics
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -89,10 +90,7 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, image: bytes, result: 
             result.error(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
             return
         last, finished = None, False
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
+        async for event in sse_events(response):
             if "error" in event:
                 result.error(str(event["error"]))
                 return
@@ -111,7 +109,17 @@ async def _one(client: httpx.AsyncClient, spec: LoadSpec, image: bytes, result: 
         result.num_ok += 1
 
 
-async def run_load(spec: LoadSpec) -> LoadResult:
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON payloads of a server-sent-events stream (``[DONE]`` and other lines skipped)."""
+    async for line in response.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
+async def run_load(spec: LoadSpec, one: Callable[..., Awaitable[None]] | None = None) -> LoadResult:
+    """``one(client, spec, image, result)`` sends one request and records it (default: a multipart
+    ``/v1/generate`` stream); ``spec.num_clients`` loops send ``spec.num_requests`` in all."""
+    one = one or _one
     result = LoadResult()
     images = [random_png(spec.image_size, seed) for seed in range(4)]
     headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
@@ -125,7 +133,7 @@ async def run_load(spec: LoadSpec) -> LoadResult:
         while sent < spec.num_requests and time.perf_counter() < deadline:
             sent += 1
             try:
-                await _one(client, spec, images[(k + sent) % len(images)], result)
+                await one(client, spec, images[(k + sent) % len(images)], result)
             except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
                 result.error(f"{type(exc).__name__}: {exc}")
             if result.num_rejected and result.num_rejected % spec.num_clients == 0:
