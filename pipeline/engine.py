@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 from dataclasses import dataclass
 
@@ -60,13 +59,15 @@ class Engine:
 
     def validate(self, prompt: Prompt, params: SamplingParams) -> None:
         """Raises ValueError for a request the engine would refuse."""
-        if not prompt.token_ids:
-            raise ValueError("the prompt is empty: give some text or media")
+        self._check(self._request("", prompt, params))
+
+    def _check(self, req: Request) -> None:
+        prompt: Prompt = req.payload
         num_audio_rows = 0 if prompt.audio_rows is None else prompt.audio_rows.shape[0]
         if prompt.num_image_tokens != prompt.patches.shape[0] or prompt.num_audio_tokens != num_audio_rows:
             raise ValueError(f"prompt has {prompt.num_image_tokens} image / {prompt.num_audio_tokens} audio tokens but "
                              f"{prompt.patches.shape[0]} / {num_audio_rows} rows; build prompts with Engine.build_prompt")
-        reason = self.scheduler.reject_reason(self._request("", prompt, params))
+        reason = self.scheduler.reject_reason(req)
         if reason:
             raise ValueError(reason)
 
@@ -77,8 +78,8 @@ class Engine:
         if not isinstance(prompt, Prompt):
             prompt = self.build_prompt(prompt, images, videos, audios)
         params = params or SamplingParams()
-        self.validate(prompt, params)
         req = self._request(request_id, prompt, params)
+        self._check(req)
         if params.seed is not None:
             self._generators[request_id] = params.make_generator(self.runner.device)
         self.outputs.add(req)
@@ -87,6 +88,8 @@ class Engine:
 
     @staticmethod
     def _request(request_id: str, prompt: Prompt, params: SamplingParams) -> Request:
+        if not prompt.token_ids:
+            raise ValueError("the prompt is empty: give some text or media")
         return Request(request_id, list(prompt.token_ids), params,
                        media_spans=[(m.start, m.end, m.content_hash) for m in prompt.media],
                        atomic_spans=list(prompt.bidirectional_spans),
@@ -104,8 +107,9 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
-        sampled = self._run(scheduled)
-        return self._postprocess(scheduled, sampled)
+        samples = self._samples(scheduled)
+        sampled = self._run(scheduled, samples)
+        return self._postprocess(scheduled, samples, sampled)
 
     @staticmethod
     def _samples(scheduled: SchedulerOutput) -> list[bool]:
@@ -113,11 +117,10 @@ class Engine:
         return [req.num_computed_tokens + n == req.num_tokens
                 for req, n in zip(scheduled.requests, scheduled.num_new_tokens)]
 
-    def _run(self, scheduled: SchedulerOutput) -> SamplerOutput | None:
+    def _run(self, scheduled: SchedulerOutput, samples: list[bool]) -> SamplerOutput | None:
         """Only rows that end their prompt or decode compute logits and sample (seeded rows draw once per token)."""
         if scheduled.is_empty:
             return None
-        samples = self._samples(scheduled)
         chunks = [self._chunk(req, n, got) for req, n, got in zip(scheduled.requests, scheduled.num_new_tokens, samples)]
         sampling = [req for req, got in zip(scheduled.requests, samples) if got]
         params = [req.sampling_params for req in sampling]
@@ -145,14 +148,14 @@ class Engine:
             runs=[(s, e) for s, e in prompt.bidirectional_spans if s < end and e > start],
             needs_logits=needs_logits)
 
-    def _postprocess(self, scheduled: SchedulerOutput, sampled: SamplerOutput | None) -> list[RequestOutput]:
+    def _postprocess(self, scheduled: SchedulerOutput, samples: list[bool], sampled: SamplerOutput | None
+                     ) -> list[RequestOutput]:
         if scheduled.is_empty:
             return []
-        samples = self._samples(scheduled)
         tokens = iter(sampled.token_ids if sampled is not None else ())
         self.scheduler.update_from_output(scheduled, [next(tokens) if got else None for got in samples])
         outputs = []
-        for row, req in zip(itertools.count(), (r for r, got in zip(scheduled.requests, samples) if got)):
+        for row, req in enumerate(r for r, got in zip(scheduled.requests, samples) if got):
             if req.status.is_finished:  # aborted during the step
                 continue
             want = sampled.logprobs is not None and req.sampling_params.logprobs is not None
