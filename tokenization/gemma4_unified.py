@@ -43,7 +43,7 @@ from encoders import DecodedVideo, MediaLimits, VideoSampling
 from encoders.audio import AudioLimits, load_audio
 from encoders.gemma4_unified import (Gemma4MediaConfig, SampledVideo, SoftTokenRows, audio_rows, decode_image,
                                      frame_tokens, image_rows, load_video_frames, video_rows)
-from tokenization.interleave import MediaSlot, MediaSpan, Prompt
+from tokenization.interleave import MediaSlot, MediaSpan, Prompt, check_max_prompt_tokens, check_prompt_len
 
 _NAMED = {"bos": "<bos>", "image": "<|image|>", "boi": "<|image>", "eoi": "<image|>", "video": "<|video|>",
           "audio": "<|audio|>", "boa": "<|audio>", "eoa": "<audio|>"}
@@ -152,9 +152,7 @@ class Gemma4UnifiedLayout:
                  limits: MediaLimits | None = None, video_sampling: VideoSampling | None = None,
                  max_prompt_tokens: int | None = None, audio_limits: AudioLimits | None = None):
         """``video_sampling``: only its ``decoder_threads`` is used; which frames comes from the checkpoint."""
-        if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or
-                                              not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
-            raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
+        check_max_prompt_tokens(max_prompt_tokens)
         self.tokenizer, self.media_config = tokenizer, media_config
         self.special = special or SpecialTokens(tokenizer)
         self.limits, self.audio_limits = limits or MediaLimits(), audio_limits or AudioLimits()
@@ -178,10 +176,7 @@ class Gemma4UnifiedLayout:
                    **kw)
 
     def _check_len(self, num_tokens: int) -> None:
-        if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
-            raise ValueError(f"the prompt would be at least {num_tokens} tokens; the model's context "
-                             f"(max_model_len) is {self.max_prompt_tokens}: shorten the text or send fewer or "
-                             "smaller images/videos/audio")
+        check_prompt_len(num_tokens, self.max_prompt_tokens, "images/videos/audio")
 
     def _wrapped(self, rows: SoftTokenRows, kind: str) -> list[int]:
         ids = self.special.ids

@@ -107,6 +107,19 @@ def _hash(kind: str, grids: list[Patches], extra: str = "") -> str:
     return h.hexdigest()
 
 
+def check_max_prompt_tokens(max_prompt_tokens: int | None) -> None:
+    if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or
+                                          not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
+        raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
+
+
+def check_prompt_len(num_tokens: int, max_prompt_tokens: int | None, media: str) -> None:
+    """A layout counts as it builds: refuse the prompt as soon as it passes the context, before more decoding."""
+    if max_prompt_tokens is not None and num_tokens > max_prompt_tokens:
+        raise ValueError(f"the prompt would be at least {num_tokens} tokens; the model's context "
+                         f"(max_model_len) is {max_prompt_tokens}: shorten the text or send fewer or smaller {media}")
+
+
 def to_segments(prompt: str | Sequence[Segment], num_images: int, num_videos: int) -> tuple[list[Segment], bool]:
     """(segments without empty text, whether media were placed explicitly)."""
     if isinstance(prompt, str):
@@ -140,9 +153,7 @@ class Interleaver:
 
     def __init__(self, tokenizer: TextTokenizer, patch_config: PatchConfig, limits: MediaLimits | None = None,
                  video_sampling: VideoSampling | None = None, max_prompt_tokens: int | None = None):
-        if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or
-                                              not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
-            raise ValueError(f"max_prompt_tokens must be a positive integer or None, got {max_prompt_tokens!r}")
+        check_max_prompt_tokens(max_prompt_tokens)
         self.tokenizer, self.patch_config = tokenizer, patch_config
         self.limits = limits or MediaLimits()
         self.video_sampling = video_sampling or VideoSampling()
@@ -153,10 +164,7 @@ class Interleaver:
         return cls(TextTokenizer.from_pretrained(folder), PatchConfig.from_pretrained(folder), **kw)
 
     def _check_len(self, num_tokens: int) -> None:
-        if self.max_prompt_tokens is not None and num_tokens > self.max_prompt_tokens:
-            raise ValueError(f"the prompt would be at least {num_tokens} tokens; the model's context "
-                             f"(max_model_len) is {self.max_prompt_tokens}: shorten the text or send fewer or "
-                             "smaller images/videos")
+        check_prompt_len(num_tokens, self.max_prompt_tokens, "images/videos")
 
     def _image_ids(self, p: Patches) -> list[int]:
         return ([self.tokenizer.image_token_id] * p.cols + [self.tokenizer.newline_token_id]) * p.rows
