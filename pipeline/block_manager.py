@@ -1,4 +1,7 @@
-"""Paged KV blocks: reference counts, prefix caching by hash chains over full blocks, LRU eviction."""
+"""Paged KV blocks: reference counts, prefix caching by hash chains over full blocks, LRU eviction.
+
+With ``record_kv_events`` the manager keeps a log of what enters and leaves the prefix cache (``BlockStored``,
+``BlockRemoved``), drained by ``take_kv_events``: what a KV-aware router (NVIDIA Dynamo's) needs to know."""
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +27,24 @@ def block_media_keys(media_spans: list[tuple[int, int, str]], start: int, end: i
     return keys
 
 
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """A full block entered the prefix cache: its chain hash, its parent's (None for a first block), its tokens
+    and the content hashes of the media whose rows it holds."""
+
+    block_hash: bytes
+    parent_hash: bytes | None
+    token_ids: tuple[int, ...]
+    media_hashes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    """A block left the prefix cache (evicted for reuse)."""
+
+    block_hash: bytes
+
+
 @dataclass(slots=True)
 class Block:
     block_id: int
@@ -46,6 +67,13 @@ class BlockManager:
         self._num_registered: dict[str, int] = {}  # request_id -> leading blocks already in the cache
         self.num_queries_tokens = 0
         self.num_hit_tokens = 0
+        self.record_kv_events = False
+        self._kv_events: list[BlockStored | BlockRemoved] = []
+
+    def take_kv_events(self) -> list[BlockStored | BlockRemoved]:
+        """The cache's changes since the last call, in order (empty unless ``record_kv_events``)."""
+        events, self._kv_events = self._kv_events, []
+        return events
 
     @property
     def num_free_blocks(self) -> int:
@@ -130,6 +158,8 @@ class BlockManager:
             block_id, _ = self._evictable.popitem(last=False)  # evict LRU
             block = self.blocks[block_id]
             del self._block_of_hash[block.block_hash]
+            if self.record_kv_events:
+                self._kv_events.append(BlockRemoved(block.block_hash))
             block.block_hash = None
         self.blocks[block_id].ref_count = 1
         return block_id
@@ -148,7 +178,51 @@ class BlockManager:
             if block.block_hash is None and hashes[i] not in self._block_of_hash:
                 block.block_hash = hashes[i]
                 self._block_of_hash[hashes[i]] = block.block_id
+                if self.record_kv_events:
+                    lo, hi = i * self.block_size, (i + 1) * self.block_size
+                    self._kv_events.append(BlockStored(
+                        hashes[i], hashes[i - 1] if i else None, tuple(req.all_token_ids[lo:hi]),
+                        tuple(key[3] for key in block_media_keys(req.media_spans, lo, hi))))
         self._num_registered[req.request_id] = num_full
+
+    def cached_block_ids(self, block_hashes: list[bytes]) -> list[int]:
+        """The blocks holding the leading run of ``block_hashes`` that is in the cache (disaggregated prefill
+        reads their KV out)."""
+        block_ids = []
+        for h in block_hashes:
+            block_id = self._block_of_hash.get(h)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+        return block_ids
+
+    def import_blocks(self, block_hashes: list[bytes], token_ids: list[int] | None = None
+                      ) -> list[tuple[int, bool]]:
+        """Registers a chain of full blocks computed elsewhere (disaggregated decode): per hash, in order, (block
+        id, whether the caller must now write its KV). Imported blocks are unreferenced (evictable, newest), so
+        a request with that prefix admitted next finds them as a cache hit. Stops early when the pool is full
+        of other requests' blocks. ``token_ids`` (the chain's tokens) only feed the KV events."""
+        result = []
+        for i, h in enumerate(block_hashes):
+            block_id = self._block_of_hash.get(h)
+            if block_id is not None:
+                if self.blocks[block_id].ref_count == 0:
+                    self._evictable.move_to_end(block_id)
+                result.append((block_id, False))
+                continue
+            if len(self._free) + len(self._evictable) - sum(fill for _, fill in result) <= 0:
+                break
+            block_id = self._take_block()
+            block = self.blocks[block_id]
+            block.ref_count, block.block_hash = 0, h
+            self._block_of_hash[h] = block_id
+            self._evictable[block_id] = None
+            if self.record_kv_events:
+                lo, hi = i * self.block_size, (i + 1) * self.block_size
+                self._kv_events.append(BlockStored(h, block_hashes[i - 1] if i else None,
+                                                   tuple(token_ids[lo:hi]) if token_ids else (), ()))
+            result.append((block_id, True))
+        return result
 
     def free(self, req: Request) -> None:
         """Drops the request's refs; tail blocks first, so a request's tail is evicted before its head."""

@@ -5,8 +5,6 @@ import bisect
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from pipeline.block_manager import BlockManager
 from pipeline.config import EngineConfig
 from pipeline.model_runner import ModelRunner, SeqChunk
@@ -46,9 +44,9 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, config.enable_chunked_prefill)
         self.eos_token_ids = frozenset(read_eos_token_ids(config.model) | {self.tokenizer.eos_token_id})
+        self.runner.sampler.bind(self.tokenizer, self.eos_token_ids, self.runner.model.vocab_size)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self._requests: dict[str, Request] = {}
-        self._generators: dict[str, torch.Generator] = {}  # seeded requests' own
 
     # requests
 
@@ -60,6 +58,7 @@ class Engine:
     def validate(self, prompt: Prompt, params: SamplingParams) -> None:
         """Raises ValueError for a request the engine would refuse."""
         self._check(self._request("", prompt, params))
+        self.runner.sampler.new_state(params)
 
     def _check(self, req: Request) -> None:
         prompt: Prompt = req.payload
@@ -80,8 +79,7 @@ class Engine:
         params = params or SamplingParams()
         req = self._request(request_id, prompt, params)
         self._check(req)
-        if params.seed is not None:
-            self._generators[request_id] = params.make_generator(self.runner.device)
+        req.sampler_state = self.runner.sampler.new_state(params)
         self.outputs.add(req)
         self._requests[request_id] = req
         self.scheduler.add(req)
@@ -123,12 +121,9 @@ class Engine:
             return None
         chunks = [self._chunk(req, n, got) for req, n, got in zip(scheduled.requests, scheduled.num_new_tokens, samples)]
         sampling = [req for req, got in zip(scheduled.requests, samples) if got]
-        params = [req.sampling_params for req in sampling]
-        generators = [self._generators.get(req.request_id) for req in sampling]
-        history = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            history = [req.all_token_ids for req in sampling]
-        return self.runner.run(chunks, params, generators, history)
+        return self.runner.run(chunks, [req.sampling_params for req in sampling],
+                               [req.sampler_state for req in sampling],
+                               [(req.prompt_token_ids, req.output_token_ids) for req in sampling])
 
     @staticmethod
     def _chunk(req: Request, num_new: int, needs_logits: bool) -> SeqChunk:
@@ -169,7 +164,6 @@ class Engine:
 
     def _finish(self, req: Request) -> RequestOutput:
         del self._requests[req.request_id]
-        self._generators.pop(req.request_id, None)
         return self.outputs.finish(req)
 
     # introspection

@@ -189,10 +189,10 @@ class ModelRunner:
             hidden = self.model(step.input_ids, step.positions, step.media)
         return self.model.compute_logits(hidden.index_select(0, step.logits_indices))
 
-    def run(self, chunks: list[SeqChunk], params, generators, token_history=None) -> SamplerOutput | None:
-        """Forward, then one token for each chunk that ``needs_logits`` (``params``, ``generators`` and
-        ``token_history`` are of those chunks only, in order); None when none does."""
+    def run(self, chunks: list[SeqChunk], params, states, histories=None) -> SamplerOutput | None:
+        """Forward, then one token for each chunk that ``needs_logits`` (``params``, ``states`` and ``histories``
+        are of those chunks only, in order: see ``Sampler.__call__``); None when none does."""
         logits = self.forward(chunks)
         if not logits.shape[0]:
             return None
-        return self.sampler(logits, params, generators, token_history)
+        return self.sampler(logits, params, states, histories)

@@ -31,6 +31,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     usage: Usage
+    index: int = 0  # which of the request's n sequences (SamplingParams.n) this is
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[float] | None = None  # per new token, when asked for

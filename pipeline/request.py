@@ -50,6 +50,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # block manager's chain hashes of full blocks
+    sampler_state: Any = None  # the sampler's per-request state (seeded generator, grammar constraint)
 
     def __post_init__(self):
         assert self.prompt_token_ids, "empty prompt"

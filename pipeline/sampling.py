@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 MAX_LOGPROBS = 20
+MAX_N = 128
 _GREEDY_EPS = 1e-5  # temperature below this is greedy (vLLM's convention)
 
 
@@ -16,6 +18,36 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class StructuredOutputs:
+    """A constraint on the output (vLLM's ``structured_outputs``): exactly one of a JSON schema (dict or JSON
+    text), any JSON object, a regular expression, one of fixed strings, or an EBNF grammar."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self):
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object is True else []
+        if self.json_object not in (True, False):
+            raise ValueError(f"structured_outputs.json_object must be true or false, got {self.json_object!r}")
+        if len(given) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, json_object, regex, choice, grammar; "
+                             f"got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (object or JSON text), got {self.json!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a list of non-empty strings, got {self.choice!r}")
 
 
 @dataclass
@@ -33,6 +65,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's only; k: plus top-k alternatives
+    n: int = 1  # parallel samples of one prompt (its KV blocks shared)
+    presence_penalty: float = 0.0  # OpenAI's, over generated tokens
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # no stop token (EOS, stop_token_ids) and no stop string before this many tokens
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -65,6 +105,23 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not isinstance(self.logit_bias, dict) or not all(
+                _is_int(k) and k >= 0 and _is_number(v) and -100.0 <= v <= 100.0 for k, v in self.logit_bias.items()):
+            raise ValueError("logit_bias must map token ids (integers >= 0) to numbers in [-100, 100], "
+                             f"got {self.logit_bias!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            raise ValueError(f"structured must be a StructuredOutputs, got {self.structured!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -73,6 +130,15 @@ class SamplingParams:
     def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """The request's own generator (on the logits' device), or None to use the global RNG."""
         return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
+
+
+@dataclass
+class SamplerState:
+    """A request's own sampling state, made once by ``Sampler.new_state``: its seeded generator and the
+    constraint of its structured output (``pipeline.structured``), advanced by each sampled token."""
+
+    generator: torch.Generator | None = None
+    constraint: Any = None
 
 
 @dataclass
@@ -134,15 +200,30 @@ class Sampler:
 
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator or torch.Generator().manual_seed(0)
+        self.device = self.generator.device
+        self.tokenizer = None
+        self.eos_token_ids: frozenset[int] = frozenset()
+        self.vocab_size: int | None = None
+
+    def bind(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int) -> None:
+        """The engine's text tokenizer, stop tokens and the model's vocabulary (the logits' width)."""
+        self.tokenizer, self.eos_token_ids, self.vocab_size = tokenizer, frozenset(eos_token_ids), vocab_size
+
+    def new_state(self, params: SamplingParams) -> SamplerState:
+        """A request's state; raises ValueError for what this vocabulary cannot serve (before it is queued)."""
+        return SamplerState(generator=params.make_generator(self.device))
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: list[SamplingParams],
-        generators: list[torch.Generator | None],
-        token_history: list[list[int]] | None = None,
+        states: list[SamplerState],
+        histories: list[tuple[list[int], list[int]]] | None = None,
     ) -> SamplerOutput:
-        assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators)
+        """One token per row. ``histories``: per row (prompt token ids, output token ids), read only."""
+        assert logits.dim() == 2 and logits.shape[0] == len(params) == len(states)
+        generators = [state.generator for state in states]
+        token_history = None if histories is None else [list(p) + list(o) for p, o in histories]
         device = logits.device
         raw = logits = logits.float()
         if token_history is not None and any(p.repetition_penalty != 1.0 for p in params):

@@ -1,4 +1,4 @@
-"""``fusionserve serve | generate | bench`` (also ``python -m serve``)."""
+"""``fusionserve serve | generate | bench | dynamo-worker`` (also ``python -m serve``)."""
 from __future__ import annotations
 
 import argparse
@@ -158,6 +158,11 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dynamo-worker"]:  # NVIDIA Dynamo backend worker: its own options, imported only here
+        from serve.dynamo.worker import main as dynamo_worker
+
+        return dynamo_worker(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return {"serve": _serve, "generate": _generate, "bench": _bench}[args.command](args)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from pipeline.sampling import Sampler, SamplingParams, apply_repetition_penalty, apply_top_k_top_p_min_p
+from pipeline.sampling import Sampler, SamplerState, SamplingParams, apply_repetition_penalty, apply_top_k_top_p_min_p
 
 NEG_INF = float("-inf")
 
@@ -30,7 +30,8 @@ def ref_mask(row: list[float], top_k: int, top_p: float, min_p: float, temperatu
 
 
 def sample(logits, params, generators=None, history=None):
-    return Sampler()(logits, params, generators or [None] * len(params), history)
+    states = [SamplerState(g) for g in generators or [None] * len(params)]
+    return Sampler()(logits, params, states, None if history is None else [(h, []) for h in history])
 
 
 def test_greedy_is_argmax():
@@ -188,5 +189,5 @@ def test_extreme_but_valid_seed_and_top_k_sample():
     logits = torch.randn(2, 50)
     params = [SamplingParams(temperature=1.0, top_k=2**31 - 1, seed=2**64 - 1),
               SamplingParams(temperature=1.0, seed=-2**63)]
-    out = Sampler()(logits, params, [p.make_generator() for p in params])
+    out = Sampler()(logits, params, [SamplerState(p.make_generator()) for p in params])
     assert all(0 <= t < 50 for t in out.token_ids)
