@@ -204,6 +204,7 @@ class Sampler:
         self.tokenizer = None
         self.eos_token_ids: frozenset[int] = frozenset()
         self.vocab_size: int | None = None
+        self._grammars = None  # pipeline.structured.GrammarCache, built on the first structured request
 
     def bind(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int) -> None:
         """The engine's text tokenizer, stop tokens and the model's vocabulary (the logits' width)."""
@@ -211,7 +212,15 @@ class Sampler:
 
     def new_state(self, params: SamplingParams) -> SamplerState:
         """A request's state; raises ValueError for what this vocabulary cannot serve (before it is queued)."""
-        return SamplerState(generator=params.make_generator(self.device))
+        constraint = None
+        if params.structured is not None:
+            if self._grammars is None:
+                from pipeline.structured import GrammarCache  # xgrammar: only for structured requests
+
+                assert self.tokenizer is not None and self.vocab_size, "Sampler.bind first"
+                self._grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            constraint = self._grammars.constraint(params.structured)
+        return SamplerState(generator=params.make_generator(self.device), constraint=constraint)
 
     def __call__(
         self,
@@ -230,6 +239,12 @@ class Sampler:
             logits = raw.clone()
             penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
             apply_repetition_penalty(logits, penalties, token_history)
+        constraints = [state.constraint for state in states]
+        if any(c is not None for c in constraints):
+            from pipeline.structured import apply_constraints
+
+            logits = logits.clone() if logits is raw else logits
+            apply_constraints(logits, constraints)  # in place, on the constrained rows only
         greedy_ids = logits.argmax(dim=-1)
         if all(p.is_greedy for p in params):
             token_ids = greedy_ids
@@ -248,6 +263,9 @@ class Sampler:
             sampled_ids = (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
             token_ids = torch.where(greedy, greedy_ids, sampled_ids)
         out = SamplerOutput(token_ids=token_ids.tolist())
+        for constraint, token_id in zip(constraints, out.token_ids):
+            if constraint is not None:
+                constraint.accept(token_id)
         if any(p.logprobs is not None for p in params):
             self._add_logprobs(out, raw, token_ids, params)
         return out
