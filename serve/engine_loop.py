@@ -68,6 +68,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    fn: Callable[[Engine], object]
+    done: asyncio.Future
+
+
 class _Stop:
     pass
 
@@ -96,6 +102,7 @@ class AsyncEngine:
         self.num_active = 0  # admitted, not yet finished or closed (event loop only)
         self.num_reading = 0  # admitted, holding a reading slot
         self.num_preprocessing = 0
+        self.step_hooks: list[Callable[[Engine], None]] = []  # run on the engine thread after each step
 
     # lifecycle
 
@@ -235,6 +242,15 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    async def call(self, fn: Callable[[Engine], object]):
+        """``fn(engine)`` run on the engine thread between steps (what must not race a step: reading or writing
+        KV blocks, draining block events); its result, or its exception."""
+        if not self.is_ready:
+            raise NotReadyError(self.not_ready_reason)
+        done = self._loop.create_future()
+        self._commands.put(_Call(fn, done))
+        return await done
+
     # engine thread
 
     def _run(self) -> None:
@@ -275,6 +291,8 @@ class AsyncEngine:
                     self._fail_all()
                     outputs = []
                 self._publish_stats()  # before delivery: a client that saw a token sees that step's stats
+                for hook in self.step_hooks:
+                    hook(self.engine)
                 for out in outputs:
                     self._deliver(out)
             self._publish_stats()
@@ -295,6 +313,8 @@ class AsyncEngine:
                 return False
             if isinstance(command, _Abort):
                 self._abort_now(command.request_id)
+            elif isinstance(command, _Call):
+                self._call_now(command)
             else:
                 self._add_now(command)
 
@@ -306,6 +326,14 @@ class AsyncEngine:
             return
         self._streams[command.request_id] = command.stream
         self._post(command.accepted.set_result, None)
+
+    def _call_now(self, command: _Call) -> None:
+        try:
+            result = command.fn(self.engine)
+        except Exception as exc:
+            self._post(command.done.set_exception, exc)
+        else:
+            self._post(command.done.set_result, result)
 
     def _abort_now(self, request_id: str) -> None:
         out = self.engine.abort(request_id)
@@ -341,6 +369,8 @@ class AsyncEngine:
                 return
             if isinstance(command, _Add):
                 self._post(command.accepted.set_exception, NotReadyError(self.not_ready_reason))
+            elif isinstance(command, _Call):
+                self._post(command.done.set_exception, NotReadyError(self.not_ready_reason))
 
     def _deliver(self, out: RequestOutput) -> None:
         if out.finished:

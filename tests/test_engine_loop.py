@@ -326,3 +326,19 @@ def test_admission_bounds_requests_reading_at_once(tiny_checkpoint):
         return front.num_active
 
     assert _run(AsyncEngine(_wrapped(tiny_checkpoint), max_num_reading=1), body) == 0
+
+
+def test_call_runs_on_the_engine_thread_and_hooks_follow_each_step(tiny_checkpoint):
+    seen = []
+
+    async def body(front):
+        front.step_hooks.append(lambda engine: seen.append(threading.current_thread().name))
+        name = await front.call(lambda engine: threading.current_thread().name)
+        with pytest.raises(ZeroDivisionError):
+            await front.call(lambda engine: 1 / 0)
+        stream = await front.submit("hello", params=_greedy(3))
+        [out async for out in stream]
+        return name
+
+    assert _run(_front(tiny_checkpoint), body) == "fusionserve-engine"
+    assert len(seen) >= 3 and set(seen) == {"fusionserve-engine"}
