@@ -9,9 +9,14 @@ from pathlib import Path
 # random Fuyu named by the issues: hidden 512, 8 layers, 8 heads, intermediate 2048, vocab 1024, patch 16
 BENCH_MODEL = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048,
                    vocab_size=1024, patch_size=16)
+# Fuyu-8B's and Gemma 4's vocabulary: the same body with this many logits per row (embedding and LM head grow
+# to 134 M parameters each). The tokenizer stays small: the ids past it decode to "", as a padded vocabulary's.
+REAL_VOCAB_SIZE = 262144
 
 
 def bench_checkpoint(target_size: int = 256, **overrides) -> Path:
+    """The benchmark Fuyu in a new temporary folder; ``overrides`` change its config (``vocab_size=REAL_VOCAB_SIZE``:
+    the real-vocabulary variant)."""
     from samples.random_checkpoint import make_checkpoint
 
     folder = Path(tempfile.mkdtemp(prefix="fusionserve-bench-"))

@@ -10,8 +10,11 @@
    one after another: mean time-to-first-token with the prefix cache on vs off.
 3. KV waste: allocated-but-unfilled slots / allocated slots, averaged over the steps of run 1.
 
+Run 1 also reports the time spent in the sampler per step. ``--vocab 262144`` runs everything on the same body
+with a real vocabulary (``benchmarks.common.REAL_VOCAB_SIZE``: 262,144 logits per row).
+
     .venv/bin/python -m benchmarks.throughput [--family fuyu|gemma4_unified] [--requests 64] [--hf-requests 64]
-                                              [--threads N]
+                                              [--threads N] [--vocab 262144]
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import bench_checkpoint, hf_batch
+from benchmarks.common import REAL_VOCAB_SIZE, bench_checkpoint, hf_batch
 from pipeline import Pipeline, SamplingParams
 from tokenization import MediaSlot
 
@@ -42,9 +45,28 @@ def make_requests(n: int, seed: int = 0):
     return out
 
 
-def run_ours(pipe: Pipeline, prompts, max_tokens: list[int]) -> tuple[float, int, float]:
-    """(seconds, output tokens, mean KV waste over steps)."""
+class SamplerTimer:
+    """Stands in for the engine's sampler and adds up the seconds spent in its calls (one per step that samples)."""
+
+    def __init__(self, sampler):
+        self.sampler, self.seconds, self.num_calls = sampler, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.sampler(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.num_calls += 1
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+
+def run_ours(pipe: Pipeline, prompts, max_tokens: list[int]) -> tuple[float, int, float, SamplerTimer]:
+    """(seconds, output tokens, mean KV waste over steps, the sampler's time)."""
     engine = pipe.engine
+    timer = engine.runner.sampler = SamplerTimer(engine.runner.sampler)
     for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
         engine.add_request(f"t{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
     waste, tokens = [], 0
@@ -56,7 +78,9 @@ def run_ours(pipe: Pipeline, prompts, max_tokens: list[int]) -> tuple[float, int
         allocated = stats.num_kv_blocks_used * engine.runner.block_size
         if stats.num_running and allocated:
             waste.append(1 - stats.num_kv_slots_filled / allocated)
-    return time.perf_counter() - start, tokens, float(np.mean(waste))
+    seconds = time.perf_counter() - start
+    engine.runner.sampler = timer.sampler
+    return seconds, tokens, float(np.mean(waste)), timer
 
 
 class Baseline:
@@ -104,12 +128,13 @@ def run_hf_static(baseline: Baseline, requests, prompts, max_tokens, batch: int 
     return time.perf_counter() - start, tokens
 
 
-def make_folder(family: str):
+def make_folder(family: str, vocab_size: int | None = None):
+    overrides = {} if vocab_size is None else {"vocab_size": vocab_size}
     if family == "fuyu":
-        return bench_checkpoint(target_size=256)
+        return bench_checkpoint(target_size=256, **overrides)
     from samples.random_gemma4_unified import make_bench_checkpoint
 
-    return make_bench_checkpoint(tempfile.mkdtemp(prefix="fusionserve-bench-gemma4-"))
+    return make_bench_checkpoint(tempfile.mkdtemp(prefix="fusionserve-bench-gemma4-"), **overrides)
 
 
 def mean_ttft(pipe: Pipeline, prompts) -> float:
@@ -132,22 +157,27 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--hf-requests", type=int, default=64, help="how many of them the baselines run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every system (default: torch's)")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help=f"the model's vocabulary size (default: the benchmark's 1024; {REAL_VOCAB_SIZE}: real)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    folder = make_folder(args.family)
+    folder = make_folder(args.family, args.vocab)
     pipe = Pipeline.from_pretrained(str(folder), max_num_seqs=64, max_num_batched_tokens=2048, keep_freed_memory=True)
     requests = make_requests(args.requests)
     prompts = [pipe.engine.build_prompt(text, [image]) for text, image, _ in requests]
     max_tokens = [n for _, _, n in requests]
     num_params = sum(p.numel() for p in pipe.engine.runner.model.parameters())
-    print(f"benchmark {args.family} ({num_params / 1e6:.1f} M parameters), float32, CPU threads "
+    print(f"benchmark {args.family} ({num_params / 1e6:.1f} M parameters, vocabulary "
+          f"{pipe.engine.runner.model.vocab_size}), float32, CPU threads "
           f"{torch.get_num_threads()}, {len(prompts)} requests, "
           f"mean prompt {np.mean([len(p.token_ids) for p in prompts]):.0f} tokens, "
           f"mean output {np.mean(max_tokens):.0f} tokens")
-    seconds, tokens, waste = run_ours(pipe, prompts, max_tokens)
+    seconds, tokens, waste, sampler = run_ours(pipe, prompts, max_tokens)
     ours = tokens / seconds
     print(f"fusionserve Pipeline.generate:     {ours:8.1f} tok/s ({tokens} tokens in {seconds:.1f} s)")
+    print(f"  in the sampler: {1e3 * sampler.seconds / max(sampler.num_calls, 1):.2f} ms per step over "
+          f"{sampler.num_calls} steps ({100 * sampler.seconds / seconds:.1f}% of the run)")
     baseline = Baseline(args.family, folder, pipe)
     k = args.hf_requests
     seconds, tokens = run_hf_single(baseline, requests[:k], prompts[:k], max_tokens[:k])

@@ -10,6 +10,8 @@ import torch
 MAX_LOGPROBS = 20
 MAX_N = 128
 _GREEDY_EPS = 1e-5  # temperature below this is greedy (vLLM's convention)
+TOP_P_CANDIDATES = 1024  # top-p without top-k sorts this many candidates first (on CPU)
+CDF_BLOCK = 512  # inverse-CDF sampling sums blocks of this many weights, then searches one block
 
 
 def _is_int(x) -> bool:
@@ -148,55 +150,122 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token id, logprob), best first
 
 
+def seen_tokens(histories: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (row, token) of the rows' token lists once, as flat indices row * vocab_size + token into [B, V]
+    logits, and how many times it occurs: one sort of the history, no [B, V] buffer."""
+    tokens = torch.tensor(list(itertools.chain.from_iterable(histories)), dtype=torch.long, device=device)
+    rows = torch.repeat_interleave(torch.arange(len(histories), device=device),
+                                   torch.tensor([len(h) for h in histories], device=device))
+    return torch.unique(rows * vocab_size + tokens, return_counts=True)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, token_history: list[list[int]]) -> None:
     """In place, as transformers' RepetitionPenaltyLogitsProcessor: seen tokens' positive logits / p, negative * p."""
     if not any(token_history):
         return
-    lengths = torch.tensor([len(h) for h in token_history], device=logits.device)
-    rows = torch.repeat_interleave(torch.arange(len(token_history), device=logits.device), lengths)
-    cols = torch.tensor(list(itertools.chain.from_iterable(token_history)), device=logits.device, dtype=torch.long)
-    seen = torch.zeros_like(logits, dtype=torch.bool)
-    seen[rows, cols] = True
-    p = penalties[:, None].expand_as(logits)
-    penalized = torch.where(logits < 0, logits * p, logits / p)
-    logits.copy_(torch.where(seen, penalized, logits))
-
-
-def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p):
-    """Masks [B, V] logits with -inf; top_k [B] (0 = off), top_p [B], min_p [B] as host lists (or CPU tensors):
-    which filters run is decided on the host, so a GPU step does not wait on the device. Ties at the k-th value
-    are kept. Sorts the vocabulary only when a row uses top-p; top-k alone takes topk(max k); min-p needs no order."""
     vocab_size = logits.shape[-1]
-    top_k_host, top_p_host, min_p_host = (x.tolist() if isinstance(x, torch.Tensor) else list(x)
-                                          for x in (top_k, top_p, min_p))
-    top_k, top_p, min_p = (torch.tensor(x, device=logits.device) for x in (top_k_host, top_p_host, min_p_host))
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
-    if any(p < 1.0 for p in top_p_host):
-        sorted_logits, _ = logits.sort(dim=-1, descending=True)  # [B, V]
-        kth = sorted_logits.gather(1, (k - 1)[:, None])  # [B, 1]
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V] probability of better-ranked tokens
-        keep_sorted = (mass_above < top_p[:, None]) & (sorted_logits > float("-inf"))  # within top-k
-        keep_sorted[:, 0] = True
-        num_keep = keep_sorted.sum(dim=-1, keepdim=True)  # [B, 1]
-        logits = logits.masked_fill(logits < sorted_logits.gather(1, num_keep - 1), float("-inf"))
-    elif any(k_ > 0 for k_ in top_k_host):
-        max_k = max(k_ if k_ > 0 else vocab_size for k_ in top_k_host)
-        top_values = logits.topk(min(max_k, vocab_size), dim=-1).values  # [B, max k]
-        logits = logits.masked_fill(logits < top_values.gather(1, (k - 1)[:, None]), float("-inf"))
-    if any(p > 0.0 for p in min_p_host):
-        probs = logits.softmax(dim=-1)
-        too_unlikely = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-        logits = logits.masked_fill(too_unlikely, float("-inf"))
-    return logits
+    index, _ = seen_tokens(token_history, vocab_size, logits.device)
+    flat, p = logits.view(-1), penalties[index // vocab_size]
+    seen = flat[index]
+    flat[index] = torch.where(seen < 0, seen * p, seen / p)
+
+
+def _host_list(x) -> list:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+
+
+def filter_cutoffs(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float],
+                   max_candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
+    """Per row of ``x`` [B, V] (logits at the sampling temperature) the smallest value that survives top-k, then
+    top-p within the top-k (the smallest prefix whose probability reaches p), then min-p; [B], -inf for no filter.
+
+    Only candidates are sorted: topk(max k) for rows with top-k; for rows with top-p alone, the best
+    ``max_candidates`` (on CPU; the whole vocabulary elsewhere, where sorting is cheap and a check would sync),
+    falling back to the whole vocabulary when they hold less than p. Which filters run is decided on the host
+    from the lists."""
+    num_rows, vocab_size = x.shape
+    device = x.device
+    cutoff = torch.full((num_rows,), float("-inf"), device=device)
+    has_k = [0 < k < vocab_size for k in top_k]
+    has_p = [p < 1.0 for p in top_p]
+    p_alone = [p_on and not k_on for k_on, p_on in zip(has_k, has_p)]  # top-p over the whole vocabulary
+    row_max = row_sums = None
+    if any(has_k) or any(has_p):
+        bound = vocab_size if device.type != "cpu" else min(vocab_size, max_candidates)
+        num_candidates = max([k for k, on in zip(top_k, has_k) if on]
+                             + [bound for alone in p_alone if alone])
+        while True:
+            values = x.topk(num_candidates, dim=-1).values  # [B, K], best first
+            row_max = values[:, :1]
+            k_mask = torch.tensor(has_k, device=device)
+            if any(has_k):
+                k_index = torch.tensor([k - 1 if on else 0 for k, on in zip(top_k, has_k)], device=device)
+                kth = values.gather(1, k_index[:, None]).squeeze(1)  # ties with the k-th value are kept
+                cutoff = torch.where(k_mask, kth, cutoff)
+            if not any(has_p):
+                break
+            probs = (values - row_max).exp_().masked_fill_(values < cutoff[:, None], 0.0)  # within the top-k
+            total = probs.sum(dim=-1)
+            if any(p_alone):
+                row_sums = (x - row_max).exp_().sum(dim=-1) if row_sums is None else row_sums
+                total = torch.where(k_mask, total, row_sums)
+            probs /= total[:, None]
+            p = torch.tensor(top_p, device=device)
+            short = torch.tensor(p_alone, device=device) & (probs.sum(dim=-1) < p)
+            if num_candidates < vocab_size and bool(short.any()):  # a flat row
+                num_candidates = vocab_size
+                continue
+            mass_above = probs.cumsum(dim=-1) - probs  # probability of the better-ranked candidates
+            num_keep = (mass_above < p[:, None]).sum(dim=-1, keepdim=True).clamp_(min=1)
+            cut_p = values.gather(1, num_keep - 1).squeeze(1)
+            cutoff = torch.where(torch.tensor(has_p, device=device), torch.maximum(cutoff, cut_p), cutoff)
+            break
+    if any(m > 0.0 for m in min_p):
+        row_max = x.amax(dim=-1, keepdim=True) if row_max is None else row_max
+        log_min_p = torch.tensor(min_p, device=device).log()  # p >= min_p * p_max; -inf for min_p 0
+        cutoff = torch.maximum(cutoff, row_max.squeeze(1) + log_min_p)
+    return cutoff
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k, top_p, min_p, max_candidates: int = TOP_P_CANDIDATES):
+    """[B, V] logits with -inf where top-k, top-p or min-p (per row; host lists or CPU tensors) drop a token."""
+    cutoff = filter_cutoffs(logits, _host_list(top_k), _host_list(top_p), _host_list(min_p),
+                            max_candidates=max_candidates)
+    return logits.masked_fill(logits < cutoff[:, None], float("-inf"))
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``weights`` [B, V] (>= 0, each row with a positive sum) the index drawn with probability
+    weight / sum for the uniform ``u`` [B] in [0, 1): the first index whose prefix sum exceeds u * sum.
+
+    Two levels, so no prefix sum runs over the whole vocabulary: the sums of blocks of ``CDF_BLOCK`` weights
+    (float64 prefix over the blocks) pick the block, then that block's own prefix sums pick the index."""
+    num_rows, vocab_size = weights.shape
+    pad = -vocab_size % CDF_BLOCK
+    blocks = torch.nn.functional.pad(weights, (0, pad)) if pad else weights
+    blocks = blocks.view(num_rows, -1, CDF_BLOCK)  # [B, num blocks, block]
+    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [B, num blocks]
+    target = u.double()[:, None] * block_cdf[:, -1:]  # [B, 1]
+    block = _first_above(block_cdf, target)  # [B]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+    in_block = blocks[torch.arange(num_rows, device=weights.device), block]  # [B, block]
+    index = _first_above(in_block.double().cumsum(dim=-1), target - before[:, None])
+    return block * CDF_BLOCK + index
+
+
+def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """First index with cdf > target per row, never past the row's last positive step (rounding at u ~ 1)."""
+    index = torch.searchsorted(cdf, target, right=True)
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())  # the first index that reaches the row's total
+    return torch.minimum(index, last).squeeze(1)
 
 
 class Sampler:
-    """Samples one token per row. Seeded rows draw their noise only from their own generator, so a request's
-    tokens do not depend on its batch companions (exponential race: argmax(probs / q), q ~ Exp(1)).
-    Logprobs are of the raw model distribution (before penalties and temperature), as vLLM's default.
-    Unseeded rows draw from the sampler's own generator: the process's global RNG is never touched."""
+    """Samples one token per row: argmax for greedy rows; for the others, inverse-CDF sampling with one uniform
+    per row over the filtered distribution, in vocabulary order. Seeded rows draw their uniform only from their
+    own generator and every filter is per row, so a request's tokens do not depend on its batch companions.
+    Unseeded rows draw from the sampler's own generator: the process's global RNG is never touched.
+    Logprobs are of the raw model distribution (before penalties and temperature), as vLLM's default."""
 
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator or torch.Generator().manual_seed(0)
@@ -231,37 +300,28 @@ class Sampler:
     ) -> SamplerOutput:
         """One token per row. ``histories``: per row (prompt token ids, output token ids), read only."""
         assert logits.dim() == 2 and logits.shape[0] == len(params) == len(states)
-        generators = [state.generator for state in states]
-        token_history = None if histories is None else [list(p) + list(o) for p, o in histories]
         device = logits.device
         raw = logits = logits.float()
-        if token_history is not None and any(p.repetition_penalty != 1.0 for p in params):
+        if histories is not None and any(p.repetition_penalty != 1.0 for p in params):
             logits = raw.clone()
             penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
-            apply_repetition_penalty(logits, penalties, token_history)
+            apply_repetition_penalty(logits, penalties, [list(p) + list(o) for p, o in histories])
         constraints = [state.constraint for state in states]
         if any(c is not None for c in constraints):
             from pipeline.structured import apply_constraints
 
             logits = logits.clone() if logits is raw else logits
             apply_constraints(logits, constraints)  # in place, on the constrained rows only
-        greedy_ids = logits.argmax(dim=-1)
-        if all(p.is_greedy for p in params):
-            token_ids = greedy_ids
+        rows = [row for row, p in enumerate(params) if not p.is_greedy]  # rows that sample
+        if not rows:
+            token_ids = logits.max(dim=-1).indices  # the first maximum, as argmax (faster on CPU)
+        elif len(rows) == len(params):
+            token_ids = self._sample(logits, params, states, private=logits is not raw)
         else:
-            greedy = torch.tensor([p.is_greedy for p in params], device=device)
-            temperature = torch.tensor([1.0 if p.is_greedy else p.temperature for p in params], device=device)
-            logits = logits / temperature[:, None]
-            if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-                logits = apply_top_k_top_p_min_p(logits, [p.top_k for p in params], [p.top_p for p in params],
-                                                  [p.min_p for p in params])
-            probs = logits.softmax(dim=-1)
-            q = torch.empty_like(probs).exponential_(generator=self.generator)
-            for row, gen in enumerate(generators):
-                if gen is not None:
-                    q[row].exponential_(generator=gen)
-            sampled_ids = (probs / q.clamp_(min=1e-20)).argmax(dim=-1)
-            token_ids = torch.where(greedy, greedy_ids, sampled_ids)
+            token_ids = logits.max(dim=-1).indices
+            index = torch.tensor(rows, device=device)
+            token_ids[index] = self._sample(logits[index], [params[r] for r in rows], [states[r] for r in rows],
+                                            private=True)
         out = SamplerOutput(token_ids=token_ids.tolist())
         for constraint, token_id in zip(constraints, out.token_ids):
             if constraint is not None:
@@ -269,6 +329,25 @@ class Sampler:
         if any(p.logprobs is not None for p in params):
             self._add_logprobs(out, raw, token_ids, params)
         return out
+
+    def _sample(self, logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState],
+                private: bool) -> torch.Tensor:
+        """One token per row of [B, V] ``logits``, every row at a temperature > 0; ``private``: the logits are
+        this call's own copy (worked on in place: at a real vocabulary each fresh [B, V] buffer costs)."""
+        device = logits.device
+        row_max = logits.amax(dim=-1, keepdim=True)
+        x = logits.sub_(row_max) if private else logits - row_max  # [B, V] log weights, row max 0
+        if any(p.temperature != 1.0 for p in params):
+            x.mul_(torch.tensor([1.0 / p.temperature for p in params], device=device)[:, None])
+        top_k, top_p, min_p = [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p) or any(m > 0.0 for m in min_p):
+            x.masked_fill_(x < filter_cutoffs(x, top_k, top_p, min_p)[:, None], float("-inf"))
+        u = torch.rand(len(params), generator=self.generator, device=device, dtype=torch.float64)
+        seeded = [row for row, state in enumerate(states) if state.generator is not None]
+        if seeded:
+            own = [torch.rand(1, generator=states[row].generator, device=device, dtype=torch.float64) for row in seeded]
+            u[torch.tensor(seeded, device=device)] = torch.cat(own)
+        return inverse_cdf(x.exp_(), u)  # weights: unnormalized probabilities
 
     @staticmethod
     def _add_logprobs(out: SamplerOutput, raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]):

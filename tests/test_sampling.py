@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from pipeline.sampling import Sampler, SamplerState, SamplingParams, apply_repetition_penalty, apply_top_k_top_p_min_p
+from pipeline.sampling import (CDF_BLOCK, Sampler, SamplerState, SamplingParams, apply_repetition_penalty,
+                               apply_top_k_top_p_min_p, inverse_cdf)
 
 NEG_INF = float("-inf")
 
@@ -65,6 +66,74 @@ def test_masks_per_row_in_one_batch():
         assert set(torch.nonzero(masked_row > NEG_INF).flatten().tolist()) == ref_mask(row, k, p, m)
 
 
+def test_top_p_over_bounded_candidates_and_the_fallback_match_plain_reference():
+    """Top-p alone sorts only the best ``max_candidates``; a row whose candidates hold less than p falls back."""
+    gen = torch.Generator().manual_seed(9)
+    vocab, bound = 300, 8
+    logits = torch.randn(5, vocab, generator=gen)
+    logits[0, :3] += 9.0  # peaked: the 0.9 nucleus is inside the best 8
+    logits[1, 10:14] += 7.0
+    rows = [(0, 0.9, 0.0), (0, 0.95, 0.0), (0, 0.5, 0.0), (20, 0.8, 0.0), (0, 0.7, 0.01)]  # rows 2-4: flat
+    top_k, top_p, min_p = (list(col) for col in zip(*rows))
+    masked = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p, max_candidates=bound)
+    mass_of_best = [sorted(row.softmax(-1).tolist(), reverse=True)[:bound] for row in logits]
+    assert sum(mass_of_best[0]) >= 0.9 and sum(mass_of_best[2]) < 0.5  # both paths are taken
+    for row, masked_row, (k, p, m) in zip(logits.tolist(), masked, rows):
+        assert set(torch.nonzero(masked_row > NEG_INF).flatten().tolist()) == ref_mask(row, k, p, m)
+    peaked_only = apply_top_k_top_p_min_p(logits[:2], top_k[:2], top_p[:2], min_p[:2], max_candidates=bound)
+    assert torch.equal(peaked_only, masked[:2])
+
+
+def ref_inverse_cdf(weights: list[float], u: float) -> tuple[int, float]:
+    """Plain Python: the first index whose running sum exceeds u * total, and how far (relative to the total) the
+    target is from the nearest step (a block's float32 sum may differ from the exact one by ~1e-7)."""
+    total = sum(weights)
+    target, running, margin = u * total, 0.0, float("inf")
+    for i, w in enumerate(weights):
+        running += w
+        margin = min(margin, abs(running - target) / total)
+        if running > target:
+            return i, margin
+    return max(i for i, w in enumerate(weights) if w > 0), 0.0
+
+
+@pytest.mark.parametrize("vocab", [37, CDF_BLOCK, 3 * CDF_BLOCK + 5])
+def test_inverse_cdf_matches_plain_prefix_search(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    weights = torch.rand(6, vocab, generator=gen) ** 4
+    weights[weights < 0.05] = 0.0  # zero weights are never drawn
+    weights[5, :-1] = 0.0  # one token only, at the very end
+    for trial in range(20):
+        u = torch.rand(6, generator=gen, dtype=torch.float64)
+        u[0] = 1.0 - 2.0**-53 if trial == 0 else u[0]
+        ours = inverse_cdf(weights, u).tolist()
+        for row, (w, ui) in enumerate(zip(weights.double().tolist(), u.tolist())):
+            assert w[ours[row]] > 0
+            expected, margin = ref_inverse_cdf(w, ui)
+            assert ours[row] == expected or margin < 1e-6
+
+
+def test_top_k_frequencies_at_a_vocabulary_of_several_blocks():
+    vocab, n = 2 * CDF_BLOCK + 100, 10000
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(6))
+    logits[[3, 700, vocab - 1, 1030]] += torch.tensor([3.0, 3.5, 4.0, 2.5])
+    params = [SamplingParams(temperature=0.9, top_k=4)] * n
+    out = sample(logits.expand(n, -1).contiguous(), params)
+    top = logits.topk(4).indices
+    freq = torch.bincount(torch.tensor(out.token_ids), minlength=vocab).float() / n
+    assert freq.sum().item() == pytest.approx(1.0) and torch.all(freq[top] > 0)
+    assert freq[top].sum().item() == pytest.approx(1.0)  # nothing outside the top 4
+    assert torch.allclose(freq[top], (logits[top] / 0.9).softmax(-1), atol=0.02)
+
+
+def test_sampling_never_touches_the_global_rng():
+    state = torch.get_rng_state()
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    sample(logits, [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=0.7, top_k=5),
+                    SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.0)])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_mixed_rows_each_get_their_own_mask_and_samples_stay_inside():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 30, generator=gen)
@@ -112,8 +181,8 @@ def test_repetition_penalty_matches_transformers():
     torch.testing.assert_close(ours, expected)
 
 
-def test_seeded_row_is_independent_of_batch_companions():
-    vocab = 64
+@pytest.mark.parametrize("vocab", [64, 3000])  # 3000: top-p beyond the CPU candidates (the fallback)
+def test_seeded_row_is_independent_of_batch_companions(vocab):
     target = torch.randn(vocab, generator=torch.Generator().manual_seed(3))
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=42)
 
@@ -123,7 +192,8 @@ def test_seeded_row_is_independent_of_batch_companions():
         for step in range(12):
             others = torch.randn(companions, vocab, generator=torch.Generator().manual_seed(step))
             logits = torch.cat([others[: companions // 2], target[None], others[companions // 2 :]])
-            ps = [SamplingParams(temperature=0.5 + i, top_k=i + 1) for i in range(companions)]
+            ps = [SamplingParams(temperature=0.5 * (i % 3), top_k=i + 1, top_p=1.0 - 0.1 * (i % 2))
+                  for i in range(companions)]  # greedy, top-k, top-k + top-p
             ps.insert(companions // 2, params)
             gens = [None] * companions
             gens.insert(companions // 2, gen)
