@@ -1,4 +1,5 @@
-"""Paged KV blocks: reference counts, prefix caching by hash chains over full blocks, LRU eviction.
+"""Paged KV blocks: reference counts, prefix caching by hash chains over full blocks, LRU eviction, and
+forks (parallel sampling) that share every block of a prompt, the partly filled last one copied on write.
 
 With ``record_kv_events`` the manager keeps a log of what enters and leaves the prefix cache (``BlockStored``,
 ``BlockRemoved``), drained by ``take_kv_events``: what a KV-aware router (NVIDIA Dynamo's) needs to know."""
@@ -69,6 +70,7 @@ class BlockManager:
         self.num_hit_tokens = 0
         self.record_kv_events = False
         self._kv_events: list[BlockStored | BlockRemoved] = []
+        self._copies: list[tuple[int, int]] = []  # (source, destination) blocks whose KV the runner copies
 
     def take_kv_events(self) -> list[BlockStored | BlockRemoved]:
         """The cache's changes since the last call, in order (empty unless ``record_kv_events``)."""
@@ -125,7 +127,13 @@ class BlockManager:
         target = self.num_blocks_for(self._target_len(req, num_new_tokens, cached_blocks))
         new = max(target - len(req.block_ids) - len(cached_blocks), 0)
         revived = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)  # leave the evictable pool
-        return new + revived
+        return new + revived + (self._shared_write_block(req) is not None)
+
+    def _shared_write_block(self, req: Request) -> int | None:
+        """Index in req.block_ids of the block its next token is written into, when another sequence holds it
+        too (a forked, partly filled prompt block): it must be copied first."""
+        i = req.num_computed_tokens // self.block_size
+        return i if i < len(req.block_ids) and self.blocks[req.block_ids[i]].ref_count > 1 else None
 
     def can_allocate(self, req: Request, num_new_tokens: int, cached_blocks=()) -> bool:
         return self._num_needed(req, num_new_tokens, cached_blocks) <= self.num_free_blocks
@@ -148,8 +156,33 @@ class BlockManager:
                 block.ref_count += 1
             req.block_ids = list(cached_blocks)
             self._num_registered[req.request_id] = len(cached_blocks)
+        shared = self._shared_write_block(req)
+        if shared is not None:  # copy on write: this sequence gets its own copy, the others keep the block
+            source = req.block_ids[shared]
+            self.blocks[source].ref_count -= 1
+            req.block_ids[shared] = self._take_block()
+            self._copies.append((source, req.block_ids[shared]))
         for _ in range(self.num_blocks_for(target_len) - len(req.block_ids)):
             req.block_ids.append(self._take_block())
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """``child`` (a sequence with the same prompt, nothing computed) shares every block of ``parent``: one
+        more reference each. Full blocks are never written again; the first write into a shared partly filled
+        block copies it (``allocate``). ``child`` then counts ``parent``'s computed tokens as its own."""
+        assert not child.block_ids and child.all_token_ids[:parent.num_computed_tokens] == \
+            parent.all_token_ids[:parent.num_computed_tokens]
+        for block_id in parent.block_ids:
+            self.blocks[block_id].ref_count += 1
+        child.block_ids = list(parent.block_ids)
+        child.block_hashes = parent.block_hashes[:parent.num_computed_tokens // self.block_size]
+        if parent.request_id in self._num_registered:
+            self._num_registered[child.request_id] = self._num_registered[parent.request_id]
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (source, destination) block copies made since the last call, in order: the runner copies their
+        KV before the next forward writes into them."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def _take_block(self) -> int:
         if self._free:

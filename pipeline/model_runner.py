@@ -103,6 +103,8 @@ class ModelRunner:
                 layer.k_cache, layer.v_cache = source.k_cache, source.v_cache
             self.k_caches.append(layer.k_cache)
             self.v_caches.append(layer.v_cache)
+        # each distinct pool once (a KV-sharing layer's are its source's)
+        self._kv_pools = list({id(t): t for t in self.k_caches + self.v_caches}.values())
         self.graphs = None
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.ctx, config.cuda_graph_batch_sizes, self.block_size,
@@ -189,10 +191,27 @@ class ModelRunner:
             hidden = self.model(step.input_ids, step.positions, step.media)
         return self.model.compute_logits(hidden.index_select(0, step.logits_indices))
 
-    def run(self, chunks: list[SeqChunk], params, states, histories=None) -> SamplerOutput | None:
-        """Forward, then one token for each chunk that ``needs_logits`` (``params``, ``states`` and ``histories``
-        are of those chunks only, in order: see ``Sampler.__call__``); None when none does."""
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copies the K/V of blocks (source, destination) in every layer's pool: copy on write of a block that
+        forked sequences share. A destination given twice takes its last source (the earlier one was freed)."""
+        if not copies:
+            return
+        latest = dict((dst, src) for src, dst in copies)
+        dst = torch.tensor(list(latest), dtype=torch.long, device=self.device)
+        src = torch.tensor(list(latest.values()), dtype=torch.long, device=self.device)
+        for pool in self._kv_pools:
+            pool[dst] = pool[src]  # the sources are read before any destination is written
+
+    def run(self, chunks: list[SeqChunk], params, states, histories=None, sample_rows: list[int] | None = None,
+            block_copies: list[tuple[int, int]] = ()) -> SamplerOutput | None:
+        """Copies ``block_copies``, forwards, then samples one token per entry of ``params`` / ``states`` /
+        ``histories`` (see ``Sampler.__call__``): by default one for each chunk that ``needs_logits``, in order;
+        with ``sample_rows``, entry i samples that chunk's logits row ``sample_rows[i]`` (a row given n times is
+        sampled n times: parallel sampling). None when no chunk needs logits."""
+        self.copy_blocks(block_copies)
         logits = self.forward(chunks)
         if not logits.shape[0]:
             return None
+        if sample_rows is not None:
+            logits = logits.index_select(0, torch.tensor(sample_rows, dtype=torch.long, device=logits.device))
         return self.sampler(logits, params, states, histories)

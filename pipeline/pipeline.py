@@ -3,6 +3,7 @@
     pipe = Pipeline.from_pretrained()                       # the bundled model
     out = pipe("What shape is this? <image>", images=["a.png"], max_tokens=32, temperature=0.0)
     for chunk in pipe.stream("Describe <video>", videos=["clip.mp4"]): print(chunk.text, end="")
+    answers = pipe("Name a shape:", n=4, temperature=1.0, seed=0)  # n > 1: a list of n outputs, by index
 """
 from __future__ import annotations
 
@@ -33,14 +34,20 @@ class Pipeline:
         return self.engine.tokenizer
 
     def __call__(self, prompt: str | Prompt, images: Sequence = (), videos: Sequence = (), audios: Sequence = (),
-                 sampling_params: SamplingParams | None = None, **sampling: Any) -> RequestOutput:
+                 sampling_params: SamplingParams | None = None, **sampling: Any
+                 ) -> RequestOutput | list[RequestOutput]:
+        """One prompt's output; with ``n > 1`` the list of its n outputs (see ``generate``)."""
         params = _params(sampling_params, sampling)
         return self.generate([{"prompt": prompt, "images": images or (), "videos": videos or (),
                                "audios": audios or ()}], params)[0]
 
     def generate(self, requests: Sequence[dict | str | Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Runs many requests at once (continuous batching); outputs in the order of ``requests``."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput | list[RequestOutput]]:
+        """Runs many requests at once (continuous batching); outputs in the order of ``requests``, one per prompt:
+        its final ``RequestOutput`` when its ``n`` is 1, the list of its n final outputs (by ``index``, each with
+        its own text, finish reason and usage) when ``n > 1`` — as vLLM's ``RequestOutput.outputs``. The n
+        sequences share the prompt's prefill and KV blocks."""
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(requests)
         if len(sampling_params) != len(requests):
@@ -49,25 +56,33 @@ class Pipeline:
         for prompt, params in zip(prompts, sampling_params):
             self.engine.validate(prompt, params)
         ids: list[str] = []
-        results: dict[str, RequestOutput] = {}
+        results: dict[str, list[RequestOutput | None]] = {}
+        num_open = sum(params.n for params in sampling_params)
         try:
             for prompt, params in zip(prompts, sampling_params):
                 ids.append(self._add(prompt, params))
-            while len(results) < len(ids):
+                results[ids[-1]] = [None] * params.n
+            while num_open:
                 for out in self.engine.step():
                     if out.finished:
-                        results[out.request_id] = out
+                        results[out.request_id][out.index] = out
+                        num_open -= 1
         finally:
-            for request_id in ids:
-                if request_id not in results:
+            if num_open:
+                for request_id in ids:
                     self.engine.abort(request_id)
-        return [results[request_id] for request_id in ids]
+        return [outs if params.n > 1 else outs[0] for outs, params in zip(results.values(), sampling_params)]
 
     def stream(self, prompt: str | Prompt, images: Sequence = (), videos: Sequence = (), audios: Sequence = (),
                sampling_params: SamplingParams | None = None, **sampling: Any) -> Iterator[StreamChunk]:
-        """Yields the new text as it is generated; closing the iterator early aborts the request."""
+        """Yields the new text as it is generated; closing the iterator early aborts the request. One sequence:
+        ``n > 1`` is a ValueError (``generate`` gives the n outputs)."""
         request = {"prompt": prompt, "images": images or (), "videos": videos or (), "audios": audios or ()}
-        request_id = self._add(self._prompt(request), _params(sampling_params, sampling))
+        params = _params(sampling_params, sampling)
+        if params.n > 1:
+            raise ValueError(f"stream yields the text of one sequence; for n={params.n} use generate, or the "
+                             f"engine's outputs (each carries its sequence's index)")
+        request_id = self._add(self._prompt(request), params)
         finished = False
         try:
             while not finished:

@@ -34,7 +34,10 @@ _FINISH_REASONS = {
 
 @dataclass(eq=False)
 class Request:
-    """One sequence. Its first num_computed_tokens tokens have KV in the blocks of block_ids."""
+    """One sequence. Its first num_computed_tokens tokens have KV in the blocks of block_ids.
+
+    A caller's request with ``n > 1`` is n sequences: the first is scheduled with the others in its ``forks``;
+    once its prompt is computed they fork off it, sharing its blocks (``Scheduler.update_from_output``)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -51,6 +54,10 @@ class Request:
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # block manager's chain hashes of full blocks
     sampler_state: Any = None  # the sampler's per-request state (seeded generator, grammar constraint)
+    parent_id: str | None = None  # the caller's request id, when this is one of its n > 1 sequences
+    index: int = 0  # which of the caller's n sequences (SamplingParams.n) this is
+    forks: list[Request] = field(default_factory=list)  # sequences that share this one's prompt: forked off
+    num_prefill_len: int = 0  # num_tokens at the last admission: the tokens a prefill (or recompute) computes
 
     def __post_init__(self):
         assert self.prompt_token_ids, "empty prompt"
@@ -63,6 +70,11 @@ class Request:
             assert prev_end <= start < end <= len(self.prompt_token_ids), f"bad atomic span {(start, end)}"
             prev_end = end
         self._token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    @property
+    def caller_id(self) -> str:
+        """The request id the caller gave (internal ids of n > 1 sequences never reach a caller)."""
+        return self.request_id if self.parent_id is None else self.parent_id
 
     @property
     def num_prompt_tokens(self) -> int:

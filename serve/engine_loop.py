@@ -10,7 +10,9 @@ and one of ``max_num_reading`` reading slots before a body is read, so at most t
 hold a body or decode media at once; the rest wait up to a few seconds, then get ``QueueFullError``.
 
 Outputs go to a ``RequestStream`` (``serve/streams.py``) that merges what its reader has not taken
-yet, so a stalled client costs O(1) entries. A request whose consumer goes away (client disconnect)
+yet, so a stalled client costs O(1) entries per sequence. A request with ``SamplingParams.n > 1`` is n
+sequences: the outputs of all n (each with its ``index``) go to the request's one stream, which is done when
+all n have finished. A request whose consumer goes away (client disconnect)
 is aborted, which frees its KV blocks. A failing step fails the open
 requests; ``max_step_failures`` in a row, or an exception anywhere else in the loop, kills the
 engine: every open request gets ``EngineDeadError`` and new ones ``NotReadyError`` (503).
@@ -94,6 +96,7 @@ class AsyncEngine:
         self._reading = asyncio.Semaphore(self.max_num_reading)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._num_open: dict[str, int] = {}  # request id -> its sequences not finished yet (engine thread only)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._accepting = False
@@ -212,7 +215,8 @@ class AsyncEngine:
         admission = admission or await self.admit()
         arrival = time.perf_counter()
         request_id = request_id or uuid.uuid4().hex
-        stream = RequestStream(self, request_id, arrival, admission)
+        params = params or SamplingParams()
+        stream = RequestStream(self, request_id, arrival, admission, num_sequences=params.n)
         added = False
         try:
             self._check_ready()
@@ -226,7 +230,7 @@ class AsyncEngine:
                 self.num_preprocessing -= 1
                 self.metrics.preprocess_seconds.observe(time.perf_counter() - arrival)
             accepted = self._loop.create_future()
-            self._commands.put(_Add(request_id, prompt, params or SamplingParams(), stream, accepted))
+            self._commands.put(_Add(request_id, prompt, params, stream, accepted))
             added = True
             if self._closed:  # the thread may have drained the queue before this add arrived
                 self._fail_queued()
@@ -325,6 +329,7 @@ class AsyncEngine:
             self._post(command.accepted.set_exception, exc)
             return
         self._streams[command.request_id] = command.stream
+        self._num_open[command.request_id] = command.params.n
         self._post(command.accepted.set_result, None)
 
     def _call_now(self, command: _Call) -> None:
@@ -336,9 +341,12 @@ class AsyncEngine:
             self._post(command.done.set_result, result)
 
     def _abort_now(self, request_id: str) -> None:
-        out = self.engine.abort(request_id)
-        if out is not None:
+        for out in self.engine.abort(request_id):  # the final outputs of its sequences still running
             self._deliver(out)
+        self._close(request_id)
+
+    def _close(self, request_id: str) -> None:
+        self._num_open.pop(request_id, None)
         self._streams.pop(request_id, None)
 
     def _fail_all(self) -> None:
@@ -351,6 +359,7 @@ class AsyncEngine:
             self.metrics.finished.labels(reason="error").inc()
             self._post(stream.put, EngineDeadError(STEP_FAILED))
         self._streams.clear()
+        self._num_open.clear()
 
     def _die(self) -> None:
         """The engine is gone: no new requests; every open and queued one fails (the engine is not touched)."""
@@ -359,6 +368,7 @@ class AsyncEngine:
             self.metrics.finished.labels(reason="error").inc()
             self._post(stream.put, EngineDeadError(ENGINE_DIED))
         self._streams.clear()
+        self._num_open.clear()
 
     def _fail_queued(self) -> None:
         """Adds still queued once the thread stopped taking commands (any thread)."""
@@ -373,9 +383,14 @@ class AsyncEngine:
                 self._post(command.done.set_exception, NotReadyError(self.not_ready_reason))
 
     def _deliver(self, out: RequestOutput) -> None:
+        """To the request's stream; the stream leaves the table with the final output of its last sequence."""
+        stream = self._streams.get(out.request_id)
         if out.finished:
-            self.metrics.finished.labels(reason=out.finish_reason or "unknown").inc()
-        stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+            self.metrics.finished.labels(reason=out.finish_reason or "unknown").inc()  # per sequence, as vLLM
+            if out.request_id in self._num_open:
+                self._num_open[out.request_id] -= 1
+                if not self._num_open[out.request_id]:
+                    self._close(out.request_id)
         if stream is not None:
             self._post(stream.put, out)
 

@@ -162,3 +162,94 @@ def test_prefix_caching_off_never_hits():
     bm.free(a)
     assert bm.find_cached_prefix(make_req("b", range(5))) == ([], 0) and bm.num_cached_blocks == 0
     assert bm.num_free_blocks == 8
+
+
+def fork_all(bm: BlockManager, parent: Request, n: int) -> list[Request]:
+    """n - 1 forks of a computed prompt, each with its own first token (as the scheduler makes them)."""
+    children = [make_req(f"{parent.request_id}#{i}", parent.prompt_token_ids) for i in range(1, n)]
+    for i, child in enumerate(children, start=1):
+        bm.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.append_token(100 + i)
+    parent.append_token(100)
+    return [parent, *children]
+
+
+def grow(bm: BlockManager, seq: Request, token: int) -> None:
+    """One decode step: room for the sequence's last token, which is then computed."""
+    bm.allocate(seq, 1)
+    seq.num_computed_tokens += 1
+    bm.cache_full_blocks(seq)
+    seq.append_token(token)
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_fork_shares_every_block_and_copies_the_partial_one_on_write(prefix_caching):
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=prefix_caching)
+    parent = make_req("p", range(10))  # two full blocks and one holding 2 tokens
+    admit(bm, parent)
+    prompt_blocks = list(parent.block_ids)
+    seqs = fork_all(bm, parent, 3)
+    assert all(seq.block_ids == prompt_blocks for seq in seqs)
+    assert [bm.blocks[b].ref_count for b in prompt_blocks] == [3, 3, 3] and bm.num_used_blocks == 3
+    assert bm.take_copies() == []
+    for seq in seqs:
+        grow(bm, seq, 7)
+    copies = bm.take_copies()
+    assert copies == [(prompt_blocks[2], seqs[0].block_ids[2]), (prompt_blocks[2], seqs[1].block_ids[2])]
+    assert seqs[2].block_ids == prompt_blocks  # the last holder writes into the block itself
+    assert len({seq.block_ids[2] for seq in seqs}) == 3 and bm.num_used_blocks == 5
+    assert [bm.blocks[b].ref_count for b in prompt_blocks] == [3, 3, 1]
+    for seq in seqs:  # the next token goes into the sequence's own block: no more copies
+        grow(bm, seq, 8)
+    assert bm.take_copies() == [] and bm.num_used_blocks == 5
+    for seq in seqs:
+        bm.free(seq)
+    assert bm.num_free_blocks == 16 and all(b.ref_count == 0 for b in bm.blocks)
+
+
+def test_fork_of_a_prompt_of_whole_blocks_copies_nothing():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    parent = make_req("p", range(8))
+    admit(bm, parent)
+    seqs = fork_all(bm, parent, 4)
+    for seq in seqs:
+        grow(bm, seq, 7)
+    assert bm.take_copies() == []
+    assert len({seq.block_ids[2] for seq in seqs}) == 4 and bm.num_used_blocks == 2 + 4
+
+
+def test_forked_blocks_register_and_evict_with_correct_kv_events():
+    bm = BlockManager(num_blocks=5, block_size=4)
+    bm.record_kv_events = True
+    parent = make_req("p", range(6))  # one full block, one holding 2 tokens
+    admit(bm, parent)
+    [stored_prompt] = bm.take_kv_events()
+    seqs = fork_all(bm, parent, 2)
+    for token in (7, 8):  # both sequences fill their own copy of the second block
+        for seq in seqs:
+            grow(bm, seq, token)
+    events = bm.take_kv_events()
+    assert [type(e).__name__ for e in events] == ["BlockStored", "BlockStored"]
+    assert {e.token_ids for e in events} == {(4, 5, 100, 7), (4, 5, 101, 7)}
+    assert all(e.parent_hash == stored_prompt.block_hash for e in events)
+    assert len({e.block_hash for e in events}) == 2
+    for seq in seqs:
+        bm.free(seq)
+    assert bm.num_cached_blocks == 3 and bm.num_free_blocks == 5  # evictable
+    other = make_req("o", [50 + i for i in range(20)])  # needs all five blocks: evicts the three cached
+    admit(bm, other)
+    removed = [e for e in bm.take_kv_events() if type(e).__name__ == "BlockRemoved"]
+    assert {e.block_hash for e in removed} == {stored_prompt.block_hash, *(e.block_hash for e in events)}
+
+
+def test_copy_on_write_needs_a_free_block():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    parent = make_req("p", range(10))  # all three blocks; the third has room for 2 more tokens
+    admit(bm, parent)
+    child = fork_all(bm, parent, 2)[1]
+    assert not bm.can_allocate(child, 1)  # its token fits the shared block's room, but it needs its own copy
+    bm.free(parent)
+    assert bm.can_allocate(child, 1)  # the only holder now: it writes in place
+    grow(bm, child, 7)
+    assert bm.take_copies() == [] and bm.num_free_blocks == 0

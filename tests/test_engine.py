@@ -136,12 +136,12 @@ def test_abort_mid_generation_frees_every_block(tiny_checkpoint):
     engine.add_request("b", prompt, _greedy(5))
     for _ in range(4):
         engine.step()
-    out = engine.abort("a")
-    assert out is not None and out.finish_reason == "abort" and 0 < len(out.token_ids) < 50
+    [out] = engine.abort("a")
+    assert out.request_id == "a" and out.finished and out.finish_reason == "abort" and 0 < len(out.token_ids) < 50
     while engine.has_unfinished():
         engine.step()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-    assert engine.abort("a") is None
+    assert engine.abort("a") == [] and engine.abort("never") == []
 
 
 def test_stop_string_cuts_text_exactly_before_it(tiny_checkpoint):

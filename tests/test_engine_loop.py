@@ -342,3 +342,37 @@ def test_call_runs_on_the_engine_thread_and_hooks_follow_each_step(tiny_checkpoi
 
     assert _run(_front(tiny_checkpoint), body) == "fusionserve-engine"
     assert len(seen) >= 3 and set(seen) == {"fusionserve-engine"}
+
+
+def test_a_stream_with_n2_yields_both_sequences_and_ends(tiny_checkpoint):
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=21, ignore_eos=True, n=2)
+
+    async def body(front):
+        outs = [out async for out in await front.submit("Tell me two things", params=params)]
+        singles = [await (await front.submit("Tell me two things", params=SamplingParams(
+            max_tokens=12, temperature=1.0, seed=seed, ignore_eos=True))).result() for seed in (21, 22)]
+        return outs, singles, front.num_active
+
+    outs, singles, num_active = _run(_front(tiny_checkpoint), body)
+    finals = {out.index: out for out in outs if out.finished}
+    assert sorted(finals) == [0, 1] and outs[-1].finished and num_active == 0
+    for index, single in enumerate(singles):
+        streamed = [out for out in outs if out.index == index]
+        assert sum((out.delta_token_ids for out in streamed), []) == finals[index].token_ids == single.token_ids
+        assert "".join(out.delta_text for out in streamed) == finals[index].text == single.text
+
+
+def test_closing_an_n3_stream_aborts_every_sequence(tiny_checkpoint):
+    async def body(front):
+        stream = await front.submit("Go on", params=SamplingParams(max_tokens=1500, temperature=1.0, n=3,
+                                                                   ignore_eos=True))
+        seen = set()
+        async for out in stream:
+            seen.add(out.index)
+            if len(seen) == 3:
+                break
+        stream.close()
+        assert await _aborted_and_freed(front, num_aborted=3)
+        return _num_aborted(front), front.num_active
+
+    assert _run(_front(tiny_checkpoint), body) == (3, 0)

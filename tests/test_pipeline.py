@@ -117,3 +117,21 @@ def test_generate_with_a_bad_request_leaves_nothing_in_the_engine(pipe):
     bm = pipe.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     assert pipe("What is this?", images=[_png(3)], max_tokens=2).finish_reason is not None
+
+
+def test_generate_groups_n_outputs_per_prompt(pipe):
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    one = pipe("Which one? <image>", images=[_png(7)], sampling_params=greedy)
+    many = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=3)
+    outs = pipe.generate([{"prompt": "Which one? <image>", "images": [_png(7)]}, "plain text"], [many, greedy])
+    assert isinstance(outs[1], type(one))  # n == 1: the output itself, as before
+    assert [o.index for o in outs[0]] == [0, 1, 2]
+    assert [o.token_ids for o in outs[0]] == [one.token_ids] * 3 and outs[0][0].text == one.text
+    seeded = pipe("Which one? <image>", images=[_png(7)], max_tokens=6, temperature=1.0, seed=9, n=2)
+    assert [o.index for o in seeded] == [0, 1]
+    assert seeded[1].token_ids == pipe("Which one? <image>", images=[_png(7)], max_tokens=6, temperature=1.0,
+                                       seed=10).token_ids  # sequence i is seeded seed + i
+    with pytest.raises(ValueError, match="n=2"):
+        next(pipe.stream("hi", max_tokens=3, n=2))
+    bm = pipe.engine.block_manager
+    assert not pipe.engine.has_unfinished() and bm.num_free_blocks == bm.num_blocks

@@ -12,9 +12,10 @@ from pipeline.sampling import SamplingParams
 from pipeline.scheduler import Scheduler, SchedulerOutput
 
 
-def next_token(history: list[tuple[int, str | None]]) -> int:
-    """The fake model: a function of every (token, media hash) before it."""
-    return hash(tuple(history)) % 1000
+def next_token(history: list[tuple[int, str | None]], index: int = 0) -> int:
+    """The fake model: a function of every (token, media hash) before it; sequence ``index`` of a request with
+    forks samples its own token from the same history (as a seeded sampler would)."""
+    return hash((tuple(history), index)) % 1000
 
 
 def reference_outputs(req: Request) -> list[int]:
@@ -22,7 +23,7 @@ def reference_outputs(req: Request) -> list[int]:
     history = [(t, media.get(i)) for i, t in enumerate(req.prompt_token_ids)]
     out = []
     for _ in range(req.sampling_params.max_tokens):
-        out.append(next_token(history))
+        out.append(next_token(history, req.index))
         history.append((out[-1], None))
     return out
 
@@ -42,7 +43,11 @@ class FakeRunner:
     def slot(self, req: Request, pos: int) -> int:
         return req.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def run(self, out: SchedulerOutput) -> list[int | None]:
+    def run(self, out: SchedulerOutput) -> list[list[int]]:
+        for src, dst in out.blocks_to_copy:  # copy on write, before anything is written
+            for i in range(self.block_size):
+                if src * self.block_size + i in self.slots:
+                    self.slots[dst * self.block_size + i] = self.slots[src * self.block_size + i]
         sampled = []
         for req, num_new in zip(out.requests, out.num_new_tokens):
             start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
@@ -50,10 +55,9 @@ class FakeRunner:
             media = media_by_position(req)
             for pos in range(start, end):
                 self.slots[self.slot(req, pos)] = (req.all_token_ids[pos], media.get(pos))
-            if end == req.num_tokens:
-                sampled.append(next_token([self.slots[self.slot(req, p)] for p in range(end)]))
-            else:
-                sampled.append(None)
+            history = [self.slots[self.slot(req, p)] for p in range(end)]
+            sampled.append([next_token(history, seq.index) for seq in (req, *req.forks)] if end == req.num_tokens
+                           else [])
         return sampled
 
 
@@ -316,3 +320,82 @@ def test_a_waiting_span_longer_than_the_budget_is_admitted_alone_while_others_de
     assert steps[first_b] == [("b", 40)]  # alone
     assert first_b < 10  # not after "a" finished its 100 tokens
     assert cuts["b"] == []
+
+
+def make_group(rid, prompt_len, n, max_tokens=6, seed=0):
+    """A request with n sequences, as the engine makes them: the first holds the others as its forks."""
+    seqs = [make_req(f"{rid}#{i}", prompt_len, max_tokens=max_tokens, seed=seed) for i in range(n)]
+    for i, seq in enumerate(seqs):
+        seq.index, seq.parent_id = i, rid
+    seqs[0].forks = seqs[1:]
+    return seqs
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_forks_share_the_prompt_and_copy_its_partial_block_on_write(prefix_caching):
+    sched, runner = make_scheduler(num_blocks=40, block_size=4, prefix_caching=prefix_caching)
+    seqs = make_group("g", prompt_len=10, n=4)  # blocks [0, 4) [4, 8) full, [8, 10) partly filled
+    sched.add(seqs[0])
+    steps = []
+
+    def check(out):
+        steps.append(out)
+        if len(steps) == 2:  # the first decode of the forked sequences
+            assert sorted(out.requests, key=lambda r: r.index) == seqs
+            assert len(out.blocks_to_copy) == 3  # three copies of the shared partial block; the last writes it
+            shared = seqs[0].block_ids[:2]
+            assert all(seq.block_ids[:2] == shared for seq in seqs)
+            assert [sched.block_manager.blocks[b].ref_count for b in shared] == [4, 4]
+            partial = [seq.block_ids[2] for seq in seqs]
+            assert len(set(partial)) == 4 and {src for src, _ in out.blocks_to_copy} == set(partial) - {
+                dst for _, dst in out.blocks_to_copy}
+
+    finished = drive(sched, runner, on_step=check)
+    assert sorted(finished, key=lambda r: r.index) == seqs
+    assert steps[0].requests == [seqs[0]] and steps[0].num_new_tokens == [10]
+    assert sched.num_prefill_tokens == 10  # the prompt once, not four times
+    for seq in seqs:
+        assert seq.output_token_ids == reference_outputs(seq)
+    assert len({tuple(seq.output_token_ids) for seq in seqs}) == 4
+    assert sched.block_manager.num_free_blocks == 40
+
+
+def test_a_prompt_that_fills_its_last_block_forks_without_copies():
+    sched, runner = make_scheduler(num_blocks=40, block_size=4)
+    seqs = make_group("g", prompt_len=8, n=3)
+    sched.add(seqs[0])
+    copies = []
+    drive(sched, runner, on_step=lambda out: copies.extend(out.blocks_to_copy))
+    assert copies == [] and sched.num_prefill_tokens == 8
+    for seq in seqs:
+        assert seq.output_token_ids == reference_outputs(seq)
+
+
+def test_forked_sequences_are_preempted_and_recomputed_on_their_own():
+    sched, runner = make_scheduler(num_blocks=9, block_size=4, budget=64)
+    seqs = make_group("g", prompt_len=10, n=3, max_tokens=12)  # 3 x 22 tokens: more blocks than the pool holds
+    other = make_req("other", prompt_len=5, max_tokens=12, seed=5)
+    sched.add(seqs[0])
+    sched.add(other)
+    preempted = []
+    drive(sched, runner, on_step=lambda out: preempted.extend(out.preempted))
+    assert any(seq in preempted for seq in seqs[1:])
+    for seq in (*seqs, other):
+        assert seq.output_token_ids == reference_outputs(seq)
+    assert sched.num_prefill_tokens > 10 + 5  # recomputes count
+    assert sched.block_manager.num_free_blocks == 9
+
+
+def test_a_request_with_forks_is_admitted_when_all_its_sequences_fit():
+    sched, runner = make_scheduler(max_num_seqs=4, budget=64)
+    first = make_req("first", prompt_len=4, max_tokens=3)
+    seqs = make_group("g", prompt_len=6, n=4, max_tokens=3)
+    for req in (first, seqs[0]):
+        sched.add(req)
+    out = sched.schedule()
+    assert out.requests == [first] and sched.num_running_seqs == 1  # 1 + 4 sequences exceed max_num_seqs
+    sched.update_from_output(out, runner.run(out))
+    drive(sched, runner)  # asserts num_running <= max_num_seqs at every step
+    for seq in seqs:
+        assert seq.output_token_ids == reference_outputs(seq)
+    assert "max_num_seqs" in sched.reject_reason(make_group("big", prompt_len=4, n=5)[0])
