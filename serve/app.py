@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import secrets
@@ -19,17 +20,25 @@ from starlette.routing import Route
 
 from pipeline.config import EngineConfig
 from pipeline.engine import Engine
-from pipeline.outputs import Usage
-from serve.chat import ChatTemplate, parse_chat
+from pipeline.outputs import RequestOutput
+from pipeline.sampling import SamplingParams
+from serve.chat import ChatTemplate, chat_prompt, parse_chat
+from serve.completions import accept_token_ids, parse_completion
 from serve.engine_loop import AsyncEngine, EngineDeadError, NotReadyError, QueueFullError
 from serve.media_fetch import resolve_media
 from serve.metrics import Metrics
-from serve.protocol import APIError, ServerConfig, bad_request, from_value_error, parse_form
+from serve.openai_fields import ServedModel, check_model, load_json, typed
+from serve.protocol import APIError, ServerConfig, bad_request, from_value_error, parse_form, short
+from serve.responses import MIN_LOGPROB, ChatChunks, TokenText, chat_choice, completion_choice, \
+    completion_logprobs, finish_reason, merged, usage_json
 from serve.streams import RequestStream
+from serve.tools import tool_request
 from serve.uploads import check_content_length, multipart_boundary, read_body, read_multipart, within
 
 logger = logging.getLogger(__name__)
-ENDPOINTS = ("/v1/generate", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/generate", "/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
+             "/version", "/health", "/metrics")
+VERSION = importlib.metadata.version("fusionserve")
 PUBLIC_PATHS = ("/health",)
 
 
@@ -58,9 +67,18 @@ def check_prompt_text(prompt, config: ServerConfig) -> None:
         raise bad_request(f"the prompt text is over {config.max_prompt_bytes} bytes", "prompt_too_long")
 
 
-def usage_json(usage: Usage) -> dict:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens, "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+def _token_logprobs(text: TokenText, token_ids: list[int], logprobs: list[float], tops) -> list[dict]:
+    """/v1/generate's logprobs: per token, its id, text and logprob, and the top ones."""
+    return [{"token_id": t, "token": text(t), "logprob": max(lp, MIN_LOGPROB),
+             "top_logprobs": [{"token_id": i, "token": text(i), "logprob": max(v, MIN_LOGPROB)} for i, v in top or ()]}
+            for t, lp, top in zip(token_ids, logprobs, tops)]
+
+
+def _generate_choice(out: RequestOutput, text: TokenText) -> dict:
+    choice = {"index": out.index, "text": out.text, "token_ids": out.token_ids, "finish_reason": finish_reason(out)}
+    if out.logprobs is not None:
+        choice["logprobs"] = _token_logprobs(text, out.token_ids, out.logprobs, out.top_logprobs)
+    return choice
 
 
 def sse(payload) -> bytes:
@@ -68,18 +86,19 @@ def sse(payload) -> bytes:
 
 
 class EventStream(StreamingResponse):
-    """SSE over a RequestStream; the request is closed (aborted if unfinished) however the response ends."""
+    """SSE over RequestStreams; the requests are closed (aborted if unfinished) however the response ends."""
 
-    def __init__(self, stream: RequestStream, events: AsyncIterator[bytes]):
+    def __init__(self, streams: list[RequestStream], events: AsyncIterator[bytes]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.request_stream = stream
+        self.request_streams = streams
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.request_stream.close()
+            for stream in self.request_streams:
+                stream.close()
 
 
 async def until_disconnect(request: Request, work):
@@ -104,92 +123,235 @@ class Server:
     def __init__(self, front: AsyncEngine, config: ServerConfig, template: ChatTemplate):
         self.front, self.config, self.template = front, config, template
 
+    @property
+    def served(self) -> ServedModel:
+        engine = self.front.engine
+        if engine is None:
+            return ServedModel(self.config.model_name)
+        return ServedModel(self.config.model_name, engine.max_model_len, engine.runner.model.vocab_size)
+
+    def _engine(self) -> Engine:
+        if not self.front.is_ready:
+            raise NotReadyError(self.front.not_ready_reason)
+        return self.front.engine
+
+    async def _check_structured(self, params: SamplingParams, param: str | None) -> None:
+        """A structured output's grammar is compiled (and cached) on the engine thread before the request is
+        queued, so a bad schema or grammar is a 400 naming its field."""
+        if params.structured is not None:
+            try:
+                await self.front.call(lambda engine: engine.runner.sampler.new_state(params))
+            except ValueError as exc:
+                raise bad_request(str(exc), "invalid_structured_output", param=param) from None
+
+    async def _read_json(self, request: Request, endpoint: str) -> bytes:
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type not in ("application/json", ""):
+            raise APIError(415, f"{endpoint} takes application/json, got {content_type!r}", "unsupported_media_type")
+        check_content_length(request, self.config.max_upload_bytes)
+        return await within(self.config.body_read_timeout_s, read_body(request, self.config.max_upload_bytes))
+
+    # /v1/generate (multipart)
+
     async def generate(self, request: Request) -> Response:
         multipart_boundary(request, self.config)  # 415 / 413 before admission
         async with await self.front.admit() as admission:  # then a reading slot, then the body
             form = await within(self.config.body_read_timeout_s, read_multipart(request, self.config))
             try:
-                req = parse_form(form.fields, form.images, form.videos, self.config, form.audios)
+                req = parse_form(form.fields, form.images, form.videos, self.config, form.audios,
+                                 self.served.vocab_size)
+                await self._check_structured(req.params, req.structured_field)
                 stream = await self.front.submit(req.prompt, req.images, req.videos, req.params, admission=admission,
                                                  audios=req.audios, media_options=req.media_options)
             finally:
                 form.close()
+        stream.num_sequences = req.params.n
+        text = TokenText(self.front.engine.tokenizer)
         if req.stream:
-            return EventStream(stream, self._generate_events(stream))
-        out = await until_disconnect(request, stream.result())
-        return JSONResponse({"id": stream.request_id, "text": out.text, "token_ids": out.token_ids,
-                             "finish_reason": out.finish_reason, "usage": usage_json(out.usage)})
+            return EventStream([stream], self._generate_events(stream, text))
+        outs = await until_disconnect(request, stream.results())
+        choices = [_generate_choice(out, text) for out in outs]
+        body = {"id": stream.request_id, **choices[0]} if len(choices) == 1 else {"id": stream.request_id,
+                                                                                    "choices": choices}
+        return JSONResponse({**body, "usage": usage_json(outs)})
 
-    async def _generate_events(self, stream: RequestStream) -> AsyncIterator[bytes]:
+    async def _generate_events(self, stream: RequestStream, text: TokenText) -> AsyncIterator[bytes]:
         try:
             async for out in stream:
                 if out.delta_text or out.delta_token_ids or out.finished:
-                    event = {"id": stream.request_id, "text": out.delta_text, "token_ids": out.delta_token_ids,
-                             "finish_reason": out.finish_reason}
+                    event = {"id": stream.request_id, "index": out.index, "text": out.delta_text,
+                             "token_ids": out.delta_token_ids, "finish_reason": finish_reason(out) if out.finished
+                             else None}
+                    if out.delta_logprobs is not None:
+                        event["logprobs"] = _token_logprobs(text, out.delta_token_ids, out.delta_logprobs,
+                                                            out.delta_top_logprobs)
                     if out.finished:
-                        event["usage"] = usage_json(out.usage)
+                        event["usage"] = usage_json([out])
                     yield sse(event)
-        except EngineDeadError as exc:
+        except (EngineDeadError, APIError) as exc:
             yield sse(to_api_error(exc, self.config).body())
         yield sse(b"[DONE]")
 
+    # /v1/chat/completions
+
     async def chat(self, request: Request) -> Response:
-        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if content_type not in ("application/json", ""):
-            raise APIError(415, f"/v1/chat/completions takes application/json, got {content_type!r}",
-                           "unsupported_media_type")
         limit = self.config.max_upload_bytes
-        check_content_length(request, limit)
         async with await self.front.admit() as admission:
-            raw = await within(self.config.body_read_timeout_s, read_body(request, limit))
+            raw = await self._read_json(request, "/v1/chat/completions")
             body_len = len(raw)
-            req, refs = await run_in_threadpool(parse_chat, raw, self.template, self.config)  # JSON + base64 off-loop
-            del raw
+            req, refs = await run_in_threadpool(parse_chat, raw, self.template, self.config, self.served)
+            del raw  # JSON + base64 were parsed off the loop
             check_prompt_text(req.prompt, self.config)
+            await self._check_structured(req.params, req.structured_field)
             images, videos, audios = await resolve_media(refs, self.config, limit - body_len,
                                                          ("image", "video", "audio"))
             del refs  # the media bytes live only until the prompt is built, not while the answer runs
             stream = await self.front.submit(req.prompt, images, videos, req.params, admission=admission,
                                              audios=audios, media_options=req.media_options)
             del images, videos, audios
-        chat_id, created = f"chatcmpl-{stream.request_id}", int(time.time())
-        head = {"id": chat_id, "created": created, "model": self.config.model_name}
+        stream.num_sequences = req.params.n
+        text = TokenText(self.front.engine.tokenizer)
+        head = {"id": f"chatcmpl-{stream.request_id}", "created": int(time.time()), "model": self.config.model_name}
         if req.stream:
-            return EventStream(stream, self._chat_events(stream, head, req.include_usage))
-        out = await until_disconnect(request, stream.result())
-        return JSONResponse({
-            **head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                         "finish_reason": out.finish_reason, "logprobs": None}],
-            "usage": usage_json(out.usage),
-        })
+            chunks = ChatChunks(head, req.params.n, text, req.tool_call, req.include_usage)
+            return EventStream([stream], self._chat_events(stream, chunks))
+        outs = await until_disconnect(request, stream.results())
+        return JSONResponse({**head, "object": "chat.completion",
+                             "choices": [chat_choice(out, text, req.tool_call) for out in outs],
+                             "usage": usage_json(outs)})
 
-    async def _chat_events(self, stream: RequestStream, head: dict, include_usage: bool) -> AsyncIterator[bytes]:
-        head = {**head, "object": "chat.completion.chunk"}
-
-        def chunk(delta: dict, finish_reason=None) -> bytes:
-            return sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                             "logprobs": None}]})
-
-        yield chunk({"role": "assistant", "content": ""})
+    async def _chat_events(self, stream: RequestStream, chunks: ChatChunks) -> AsyncIterator[bytes]:
+        finals = []
         try:
+            for chunk in chunks.start():
+                yield sse(chunk)
             async for out in stream:
-                if out.delta_text:
-                    yield chunk({"content": out.delta_text})
+                for chunk in chunks.delta(out):
+                    yield sse(chunk)
                 if out.finished:
-                    yield chunk({}, out.finish_reason)
-                    if include_usage:
-                        yield sse({**head, "choices": [], "usage": usage_json(out.usage)})
-        except EngineDeadError as exc:
+                    finals.append(out)
+            if chunks.include_usage:
+                yield sse(chunks.usage(finals))
+        except (EngineDeadError, APIError) as exc:
             yield sse(to_api_error(exc, self.config).body())
         yield sse(b"[DONE]")
 
-    async def models(self, request: Request) -> Response:
+    # /v1/completions
+
+    async def completions(self, request: Request) -> Response:
+        async with await self.front.admit() as admission:
+            raw = await self._read_json(request, "/v1/completions")
+            req = await run_in_threadpool(parse_completion, raw, self.config, self.served,
+                                          self._engine().tokenizer.vocab_size)
+            del raw
+            await self._check_structured(req.params, req.structured_field)
+            streams = [await self.front.submit(req.prompts[0], params=req.params, admission=admission)]
+        try:  # each further prompt is a request of its own, admitted as it comes
+            for prompt in req.prompts[1:]:
+                streams.append(await self.front.submit(prompt, params=req.params))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        n, text = req.params.n, TokenText(self.front.engine.tokenizer)
+        for stream in streams:
+            stream.num_sequences = n
+        head = {"id": f"cmpl-{streams[0].request_id}", "object": "text_completion", "created": int(time.time()),
+                "model": self.config.model_name}
+        if req.stream:
+            return EventStream(streams, self._completion_events(streams, head, n, text, req.include_usage))
+        results = await until_disconnect(request, asyncio.gather(*(stream.results() for stream in streams)))
+        return JSONResponse({**head, "choices": [completion_choice(out, k * n + out.index, text)
+                                                 for k, outs in enumerate(results) for out in outs],
+                             "usage": usage_json([out for outs in results for out in outs])})
+
+    async def _completion_events(self, streams: list[RequestStream], head: dict, n: int, text: TokenText,
+                                 include_usage: bool) -> AsyncIterator[bytes]:
+        offsets, finals = {}, []
+        usage = {"usage": None} if include_usage else {}
+        try:
+            async for k, out in merged(streams):
+                index = k * n + out.index
+                logprobs, offsets[index] = completion_logprobs(text, out.delta_token_ids, out.delta_logprobs,
+                                                               out.delta_top_logprobs, offsets.get(index, 0))
+                if out.delta_text or out.delta_token_ids or out.finished:
+                    yield sse({**head, "choices": [{"index": index, "text": out.delta_text, "logprobs": logprobs,
+                                                    "finish_reason": finish_reason(out) if out.finished else None}],
+                               **usage})
+                if out.finished:
+                    finals.append(out)
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage_json(finals)})
+        except (EngineDeadError, APIError) as exc:
+            yield sse(to_api_error(exc, self.config).body())
+        yield sse(b"[DONE]")
+
+    # small endpoints
+
+    async def tokenize(self, request: Request) -> Response:
+        engine = self._engine()
+        body = load_json(await self._read_json(request, "/tokenize"))
+        check_model(body, self.served)
+        unknown = sorted(set(body) - {"model", "prompt", "messages", "add_generation_prompt", "tools",
+                                      "add_special_tokens", "return_token_strs"})
+        if unknown:
+            raise bad_request(f"unrecognized request field {unknown[0][:100]!r} for /tokenize", "unknown_field",
+                              param=unknown[0][:100])
+        if ("prompt" in body) == ("messages" in body):
+            raise bad_request("/tokenize takes a prompt or messages", param="prompt")
+        if body.get("add_special_tokens") not in (None, "messages" not in body):
+            raise bad_request("add_special_tokens: the prompt layout places BOS itself", param="add_special_tokens")
+        if "prompt" in body:
+            if not isinstance(body["prompt"], str):
+                raise bad_request("prompt must be a string", param="prompt")
+            check_prompt_text(body["prompt"], self.config)
+            prompt = await run_in_threadpool(engine.build_prompt, body["prompt"])
+        else:
+            tools = None if body.get("tools") is None else tool_request({"tools": body["tools"],
+                                                                        "tool_choice": "none"})[0]
+            segments, refs = chat_prompt(body, self.template, self.config, tools)
+            check_prompt_text(segments, self.config)
+            images, videos, audios = await resolve_media(refs, self.config, self.config.max_upload_bytes,
+                                                         ("image", "video", "audio"))
+            prompt = await run_in_threadpool(engine.build_prompt, segments, images, videos, audios)
+        answer = {"count": len(prompt.token_ids), "max_model_len": engine.max_model_len,
+                  "tokens": prompt.token_ids}
+        if typed(body, "return_token_strs", "true or false"):
+            answer["token_strs"] = [TokenText(engine.tokenizer)(t) for t in prompt.token_ids]
+        return JSONResponse(answer)
+
+    async def detokenize(self, request: Request) -> Response:
+        engine = self._engine()
+        body = load_json(await self._read_json(request, "/detokenize"))
+        check_model(body, self.served)
+        if set(body) - {"model", "tokens"}:
+            name = sorted(set(body) - {"model", "tokens"})[0][:100]
+            raise bad_request(f"unrecognized request field {name!r} for /detokenize", "unknown_field", param=name)
+        tokens = typed(body, "tokens", "a list of token ids")
+        if tokens is None or any(t >= engine.tokenizer.vocab_size for t in tokens):
+            raise bad_request(f"tokens must be a list of token ids below {engine.tokenizer.vocab_size}",
+                              param="tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)})
+
+    def _model_card(self) -> dict:
         model = {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "fusionserve"}
         if self.front.engine is not None:  # vLLM's extension, and what the model takes
             model["max_model_len"] = self.front.engine.max_model_len
             model["modalities"] = list(self.front.modalities)
-        return JSONResponse({"object": "list", "data": [model]})
+        return model
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name != self.config.model_name:
+            raise APIError(404, f"the model {short(name)} does not exist; this server serves "
+                                f"{self.config.model_name!r}", "model_not_found", param="model")
+        return JSONResponse(self._model_card())
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": VERSION})
 
     async def health(self, request: Request) -> Response:
         if not self.front.is_ready:
@@ -249,7 +411,8 @@ def create_app(engine_config: EngineConfig | None = None, config: ServerConfig |
     if config.model_name == ServerConfig.model_name:
         config.model_name = Path(engine_config.model).name
     metrics = Metrics()
-    front = AsyncEngine(engine_factory or (lambda: Engine(engine_config)), metrics, config.max_queue_len,
+    make_engine = engine_factory or (lambda: Engine(engine_config))
+    front = AsyncEngine(lambda: accept_token_ids(make_engine()), metrics, config.max_queue_len,
                         config.num_preprocess_workers, config.max_num_reading, config.admission_wait_s,
                         config.max_step_failures)
     template = ChatTemplate.from_pretrained(engine_config.model)
@@ -272,7 +435,12 @@ def create_app(engine_config: EngineConfig | None = None, config: ServerConfig |
     routes = [
         Route("/v1/generate", server.generate, methods=["POST"]),
         Route("/v1/chat/completions", server.chat, methods=["POST"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", server.model, methods=["GET"]),
+        Route("/tokenize", server.tokenize, methods=["POST"]),
+        Route("/detokenize", server.detokenize, methods=["POST"]),
+        Route("/version", server.version, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics, methods=["GET"]),
     ]

@@ -26,27 +26,23 @@ import base64
 import binascii
 import json
 import re
-import reprlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from serve.openai_fields import CHAT, ServedModel, check_fields, check_model, load_json, openai_params, stream_options, \
+    structured_field, typed
 from serve.protocol import MEDIA_OPTIONS_FIELD, APIError, GenerateRequest, ServerConfig, bad_request, \
-    check_media_counts, check_media_type, make_params, parse_media_options
+    check_media_counts, check_media_type, parse_media_options
+from serve.protocol import short as _short
+from serve.tools import tool_request
 from tokenization import MediaSlot, Segment
 
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool")
 _PART_KINDS = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio"}
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "m4a", "mp4", "aac", "webm", "mka")  # encoders/audio.py sniffs
 _LOOPS_OVER_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\"]\s*\]|\.content\b)")
-_INT_LIMIT = 2**63  # integers must fit int64 (seeds, counts)
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 60, 60, 40
-
-
-def _short(value) -> str:
-    return _SHORT.repr(value)
 
 
 @dataclass
@@ -84,17 +80,28 @@ class ChatTemplate:
         eos = config.get("eos_token", "</s>")
         return cls(template, eos.get("content", "</s>") if isinstance(eos, dict) else (eos or "</s>"))
 
-    def render(self, messages: list[tuple[str, str | list[str]]]) -> str:
-        """``messages``: (role, content), content a string or its parts' texts (sentinels for media)."""
-        if self._compiled is None or not self.takes_parts:
-            messages = [(r, c if isinstance(c, str) else "".join(c)) for r, c in messages]
+    def render(self, messages: list[tuple[str, str | list[str]] | dict], tools: list[dict] | None = None,
+               add_generation_prompt: bool = True) -> str:
+        """``messages``: (role, content) or message dicts (``role``, ``content``, and ``tool_calls`` /
+        ``tool_call_id`` / ``name`` as transformers' templates take them); content a string or its parts' texts
+        (sentinels for media). ``tools``: OpenAI tool specs, given to the template as ``tools``."""
+        messages = [dict(m) if isinstance(m, dict) else {"role": m[0], "content": m[1]} for m in messages]
+        for m in messages:
+            if self._compiled is None or not self.takes_parts:
+                m["content"] = m["content"] if isinstance(m["content"], str) else "".join(m["content"])
+            else:
+                m["content"] = _parts(m["content"])
         if self._compiled is None:
-            if len(messages) == 1 and messages[0][0] == "user":
-                return messages[0][1]
-            return "\n".join(f"{role.capitalize()}: {content}" for role, content in messages)
+            if tools or any("tool_calls" in m for m in messages):
+                raise bad_request("this checkpoint has no chat template, so tools and tool calls cannot be rendered",
+                                  "template_error", param="tools" if tools else "messages")
+            if len(messages) == 1 and messages[0]["role"] == "user":
+                return messages[0]["content"]
+            return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
         # bos is placed by the interleaver, so the template's {{ bos_token }} renders empty
-        return self._compiled.render(messages=[{"role": r, "content": _parts(c)} for r, c in messages],
-                                     add_generation_prompt=True, bos_token="", eos_token=self.eos_token)
+        extra = {"tools": tools} if tools else {}
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token="",
+                                     eos_token=self.eos_token, **extra)
 
 
 def _parts(content: str | list[str]) -> str | list[dict]:
@@ -199,77 +206,68 @@ def _segments(text: str, sentinel: str, media: list[MediaRef]) -> tuple[list[Seg
     return segments, [media[i] for i in order]
 
 
-def _loads(raw: bytes):
-    def refuse_constant(name: str):
-        raise ValueError(f"{name} is not a JSON number")
-
-    def finite_float(text: str) -> float:
-        value = float(text)
-        if value in (float("inf"), float("-inf")):
-            raise ValueError(f"the number {text[:40]} is out of range")
-        return value
-
-    try:
-        return json.loads(raw, parse_constant=refuse_constant, parse_float=finite_float)
-    except RecursionError:
-        raise bad_request("the JSON body is nested too deeply", "invalid_json") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits, the two above
-        raise bad_request(f"the body is not valid JSON: {str(exc)[:200]}", "invalid_json") from None
-
-
-_CHECKS = {  # JSON types (bool is not a number); floats are finite already
-    "a 64-bit integer": lambda v: type(v) is int and -_INT_LIMIT <= v < _INT_LIMIT,
-    "a number": lambda v: type(v) is float or type(v) is int and -_INT_LIMIT <= v < _INT_LIMIT,
-    "true or false": lambda v: type(v) is bool,
-    "an object": lambda v: type(v) is dict,
-    "a string or a list of strings": lambda v: type(v) is str or type(v) is list and all(type(x) is str for x in v),
-}
-_SAMPLING = {"max_tokens": "a 64-bit integer", "max_completion_tokens": "a 64-bit integer", "temperature": "a number",
-             "top_p": "a number", "top_k": "a 64-bit integer", "min_p": "a number", "repetition_penalty": "a number",
-             "seed": "a 64-bit integer", "stop": "a string or a list of strings", "ignore_eos": "true or false"}
+def _history_tool_calls(value) -> list[dict]:
+    """An assistant message's ``tool_calls``, as transformers' templates take them: ``arguments`` as an object
+    (vLLM parses the JSON text the same way)."""
+    if not isinstance(value, list):
+        raise bad_request("an assistant message's tool_calls must be a list", param="messages")
+    calls = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+                not isinstance(function.get("arguments"), (str, dict)):
+            raise bad_request('each tool call needs {"id", "type": "function", "function": {"name", "arguments"}}',
+                              param="messages")
+        arguments = function["arguments"]
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise bad_request(f"tool call arguments {_short(arguments)} are not JSON", param="messages") from None
+        calls.append({"id": call.get("id"), "type": "function",
+                      "function": {"name": function["name"], "arguments": arguments}})
+    return calls
 
 
-def _typed(body: dict, name: str, what: str):
-    value = body.get(name)
-    if value is not None and not _CHECKS[what](value):
-        raise bad_request(f"{name} must be {what}, got {_short(value)}")
-    return value
+_MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
 
 
-def parse_chat(raw: bytes, template: ChatTemplate, config: ServerConfig) -> tuple[GenerateRequest, list[MediaRef]]:
-    """The JSON body of ``/v1/chat/completions``; media stay ``MediaRef`` until the app resolves URLs.
+def _message(message, media: list[MediaRef], sentinel: str, config: ServerConfig) -> dict:
+    role = message.get("role") if isinstance(message, dict) else None
+    if not isinstance(role, str) or role not in ROLES:
+        raise bad_request(f"each message needs a role in {list(ROLES)}, got {_short(role)}", param="messages")
+    extra = sorted(k for k, v in message.items() if k not in _MESSAGE_KEYS and v is not None)
+    if extra:
+        raise bad_request(f"message fields {_short(extra)} are not supported; a message has {list(_MESSAGE_KEYS)}",
+                          param="messages")
+    has_calls = role == "assistant" and message.get("tool_calls") is not None
+    content = "" if has_calls and message.get("content") is None else message.get("content")
+    out = {"role": "system" if role == "developer" else role,
+           "content": _content(content, role, media, sentinel, config)}
+    if has_calls:
+        out["tool_calls"] = _history_tool_calls(message["tool_calls"])
+    if role == "tool":
+        out["tool_call_id"] = typed(message, "tool_call_id", "a string", "messages.tool_call_id")
+    if message.get("name") is not None:
+        out["name"] = typed(message, "name", "a string", "messages.name")
+    return out
 
-    ``GenerateRequest.prompt`` is a list of segments (``str`` and ``MediaSlot``), the media in slot order."""
-    body = _loads(raw)
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
+
+def chat_prompt(body: dict, template: ChatTemplate, config: ServerConfig, tools: list[dict] | None = None
+                ) -> tuple[list[Segment], list[MediaRef]]:
+    """``messages`` (and ``add_generation_prompt``) rendered through the template and cut into segments, with the
+    media in slot order (shared by the chat endpoint and ``/tokenize``)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list", "missing_messages")
-    if _typed(body, "n", "a 64-bit integer") not in (None, 1):
-        raise bad_request("only n=1 is supported")
+        raise bad_request("'messages' must be a non-empty list", "missing_messages", param="messages")
     sentinel = secrets.token_hex(16)  # unguessable: no user text can contain it
     media: list[MediaRef] = []
-    rendered = []
-    for message in messages:
-        role = message.get("role") if isinstance(message, dict) else None
-        if not isinstance(role, str) or role not in ROLES:
-            raise bad_request(f"each message needs a role in {list(ROLES)}, got {_short(role)}")
-        content = _content(message.get("content"), role, media, sentinel, config)
-        rendered.append(("system" if role == "developer" else role, content))
+    rendered = [_message(message, media, sentinel, config) for message in messages]
     num = {kind: sum(m.kind == kind for m in media) for kind in ("image", "video", "audio")}
     check_media_counts(num["image"], num["video"], config, num["audio"])
-    media_options = body.get(MEDIA_OPTIONS_FIELD)
-    media_options = {} if media_options is None else parse_media_options(media_options)
-    stream = _typed(body, "stream", "true or false") or False
-    options = _typed(body, "stream_options", "an object") or {}
-    include_usage = _typed(options, "include_usage", "true or false") or False
-    values = {name: _typed(body, name, what) for name, what in _SAMPLING.items()}
-    max_tokens, legacy = values.pop("max_completion_tokens"), values.pop("max_tokens")
-    max_tokens = legacy if max_tokens is None else max_tokens
-    params = make_params(max_tokens=config.default_max_tokens if max_tokens is None else max_tokens, **values)
+    add_generation_prompt = typed(body, "add_generation_prompt", "true or false")
     try:
-        text = template.render(rendered)
+        text = template.render(rendered, tools, add_generation_prompt is not False)
     except APIError:
         raise
     except Exception as exc:  # a template error is about these messages, not the server
@@ -278,6 +276,25 @@ def parse_chat(raw: bytes, template: ChatTemplate, config: ServerConfig) -> tupl
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise bad_request("the messages contain a lone surrogate (such as \\ud800), which is not text") from None
-    segments, media = _segments(text, sentinel, media)
+    return _segments(text, sentinel, media)
+
+
+def parse_chat(raw: bytes, template: ChatTemplate, config: ServerConfig, served: ServedModel | None = None
+               ) -> tuple[GenerateRequest, list[MediaRef]]:
+    """The JSON body of ``/v1/chat/completions``; media stay ``MediaRef`` until the app resolves URLs.
+
+    ``GenerateRequest.prompt`` is a list of segments (``str`` and ``MediaSlot``), the media in slot order."""
+    served = served or ServedModel(config.model_name)
+    body = load_json(raw)
+    check_fields(body, CHAT)
+    check_model(body, served)
+    tools, tool_call, forced = tool_request(body)
+    segments, media = chat_prompt(body, template, config, tools)
+    media_options = body.get(MEDIA_OPTIONS_FIELD)
+    media_options = {} if media_options is None else parse_media_options(media_options)
+    stream = typed(body, "stream", "true or false") or False
+    include_usage = stream_options(body, stream)
+    params = openai_params(body, CHAT, served, forced)
     return GenerateRequest(segments, media_options=media_options, params=params, stream=stream,
-                           include_usage=include_usage), media
+                           include_usage=include_usage, tool_call=tool_call,
+                           structured_field=structured_field(body, forced)), media

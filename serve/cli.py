@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require this key (default: env FUSIONSERVE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name requests must give (default: the model folder's name)")
     serve.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body")
     serve.add_argument("--max-images", type=int, default=16, help="images per request")
     serve.add_argument("--max-videos", type=int, default=4, help="videos per request")
@@ -102,7 +104,8 @@ def _serve(args) -> int:
     engine = engine_config(args)
     budget = thread_budget(available_cpus(), engine.video_sampling.decoder_threads, args.torch_threads,
                            args.media_workers)
-    config = ServerConfig(api_key=args.api_key, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+    names = {"model_name": args.served_model_name} if args.served_model_name else {}
+    config = ServerConfig(api_key=args.api_key, **names, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                           max_images=args.max_images, max_videos=args.max_videos,
                           max_audios=args.max_audios, max_queue_len=args.max_queue_len,
                           allowed_media_hosts=tuple(args.allowed_media_host),

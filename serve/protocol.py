@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from encoders import MediaError
-from pipeline.sampling import SamplingParams
+from pipeline.sampling import SamplingParams, StructuredOutputs
 
 IMAGE_TYPES = ("image/",)
 VIDEO_TYPES = ("video/", "application/mp4", "application/x-matroska")
@@ -20,23 +21,32 @@ AUDIO_TYPES = ("audio/", "application/ogg") + VIDEO_TYPES  # a video's audio tra
 MEDIA_TYPES = {"image": IMAGE_TYPES, "video": VIDEO_TYPES, "audio": AUDIO_TYPES}
 MEDIA_OPTIONS_FIELD = "mm_processor_kwargs"  # vLLM's name
 NEUTRAL_TYPES = ("", "application/octet-stream")  # no claim about the content: the decoder decides
+INT64_LIMIT = 2**63  # integer fields must fit int64 (seeds, counts)
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 60, 60, 40
+
+
+def short(value) -> str:
+    """A value as an error message shows it: never the whole of a huge one."""
+    return _SHORT.repr(value)
 
 
 class APIError(Exception):
-    """An error for the client: becomes ``{"error": {"message", "type", "code"}}`` with ``status``."""
+    """An error for the client: becomes ``{"error": {"message", "type", "code", "param"}}`` with ``status``;
+    ``param`` names the request field at fault (None when none is)."""
 
     def __init__(self, status: int, message: str, code: str, type: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.type = status, message, code, type
+        self.status, self.message, self.code, self.type, self.param = status, message, code, type, param
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
 
-def bad_request(message: str, code: str = "invalid_parameter") -> APIError:
-    return APIError(400, message, code)
+def bad_request(message: str, code: str = "invalid_parameter", param: str | None = None) -> APIError:
+    return APIError(400, message, code, param=param)
 
 
 def from_value_error(exc: ValueError) -> APIError:
@@ -104,7 +114,9 @@ class GenerateRequest:
     media_options: dict = field(default_factory=dict)  # mm_processor_kwargs -> Engine.build_prompt
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False
-    include_usage: bool = False  # chat streams: a last chunk with usage (stream_options.include_usage)
+    include_usage: bool = False  # streams: usage on every chunk, null until the last (stream_options.include_usage)
+    tool_call: Any = None  # chat: serve.tools.ToolCall when the answer is a forced tool call
+    structured_field: str | None = None  # the field the structured output came from (its errors name it)
 
 
 def check_media_type(content_type: str, kind: str) -> None:
@@ -142,50 +154,129 @@ def parse_media_options(value: Any) -> dict:
     return dict(value)
 
 
-# sampling fields
+# sampling fields shared by the endpoints
 
-_FORM_INT = ("max_tokens", "top_k", "seed")
-_FORM_FLOAT = ("temperature", "top_p", "min_p", "repetition_penalty")
-_FORM_BOOL = ("stream", "ignore_eos")
-FORM_FIELDS = ("prompt", "stop", MEDIA_OPTIONS_FIELD) + _FORM_INT + _FORM_FLOAT + _FORM_BOOL
-INT64_LIMIT = 2**63  # integer fields must fit int64 (seeds, counts)
+def logit_bias(value, vocab_size: int | None) -> dict[int, float] | None:
+    """OpenAI sends ``{"50256": -100}``: string keys (JSON) or ints (a form's JSON text may have either)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request(f"logit_bias must be an object of token id -> bias, got {short(value)}", param="logit_bias")
+    bias = {}
+    for key, b in value.items():
+        try:
+            token_id = int(key)
+        except (TypeError, ValueError):
+            token_id = -1
+        if not 0 <= token_id < (vocab_size or INT64_LIMIT) or str(token_id) != str(key).strip():
+            raise bad_request(f"logit_bias key {short(key)} is not a token id of this model's vocabulary "
+                              f"(0..{(vocab_size or INT64_LIMIT) - 1})", param="logit_bias")
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+            raise bad_request(f"logit_bias[{key}] must be a number in [-100, 100], got {short(b)}",
+                              param="logit_bias")
+        bias[token_id] = float(b)
+    return bias
+
+
+def response_format(value) -> StructuredOutputs | None:
+    """OpenAI's ``response_format`` -> a structured output (None for ``{"type": "text"}``)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputs(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name", ""), str) or \
+                not isinstance(schema, (dict, type(None))) or not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise bad_request('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+                              param="response_format")
+        return StructuredOutputs(json=schema if schema is not None else {"type": "object"})
+    raise bad_request(f"response_format.type must be text, json_object or json_schema, got {short(kind)}",
+                      param="response_format")
+
+
+def structured_outputs(value) -> StructuredOutputs | None:
+    """vLLM's ``structured_outputs`` object."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request("structured_outputs must be an object such as {\"regex\": \"[0-9]+\"}",
+                          param="structured_outputs")
+    unknown = sorted(set(value) - {"json", "json_object", "regex", "choice", "grammar"})
+    if unknown:
+        raise bad_request(f"structured_outputs takes json, json_object, regex, choice or grammar, got "
+                          f"{short(unknown)}", param="structured_outputs")
+    try:
+        return StructuredOutputs(json_object=value.get("json_object") or False,
+                                 **{k: v for k, v in value.items() if k != "json_object"})
+    except ValueError as exc:
+        raise bad_request(str(exc), param="structured_outputs") from None
+
+
+def structured(response_format_value, structured_outputs_value) -> StructuredOutputs | None:
+    """``response_format`` or ``structured_outputs`` (not both)."""
+    fmt, so = response_format(response_format_value), structured_outputs(structured_outputs_value)
+    if fmt is not None and so is not None:
+        raise bad_request("give response_format or structured_outputs, not both", param="structured_outputs")
+    return fmt or so
+
+
+# /v1/generate's form: the same sampling fields, as text
+
+_FORM_INT = ("max_tokens", "top_k", "seed", "n", "logprobs", "min_tokens")
+_FORM_FLOAT = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_FORM_BOOL = ("stream", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
+_FORM_JSON = ("logit_bias", "response_format", "structured_outputs", "stop_token_ids")  # JSON text
+FORM_FIELDS = ("prompt", "stop", MEDIA_OPTIONS_FIELD) + _FORM_INT + _FORM_FLOAT + _FORM_BOOL + _FORM_JSON
 
 
 def _form_value(name: str, raw: str) -> Any:
     text, shown = raw.strip(), repr(raw) if len(raw) <= 40 else repr(raw[:40]) + "..."
+    if name in _FORM_JSON:
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            raise bad_request(f"{name} must be JSON text, got {shown}", param=name) from None
     if name in _FORM_BOOL:
         if text.lower() in ("true", "1", "yes", "on"):
             return True
         if text.lower() in ("false", "0", "no", "off", ""):
             return False
-        raise bad_request(f"{name} must be true or false, got {shown}")
+        raise bad_request(f"{name} must be true or false, got {shown}", param=name)
     try:
         value = int(text) if name in _FORM_INT else float(text)
     except ValueError:
         kind = "an integer" if name in _FORM_INT else "a number"
-        raise bad_request(f"{name} must be {kind}, got {shown}") from None
+        raise bad_request(f"{name} must be {kind}, got {shown}", param=name) from None
     if name in _FORM_INT and not -INT64_LIMIT <= value < INT64_LIMIT:
-        raise bad_request(f"{name} must fit in 64 bits, got {shown}")
+        raise bad_request(f"{name} must fit in 64 bits, got {shown}", param=name)
     if not math.isfinite(value):
-        raise bad_request(f"{name} must be finite, got {shown}")
+        raise bad_request(f"{name} must be finite, got {shown}", param=name)
     return value
 
 
-def make_params(**values: Any) -> SamplingParams:
-    """SamplingParams from already-typed values (None: default); its ValueError becomes a 400."""
+def make_params(api_names: dict[str, str] | None = None, **values: Any) -> SamplingParams:
+    """SamplingParams from already-typed values (None: default); its ValueError becomes a 400 whose ``param`` is
+    the field its message starts with (``api_names``: SamplingParams field -> request field, where they differ)."""
     try:
         return SamplingParams(**{k: v for k, v in values.items() if v is not None})
     except (ValueError, TypeError) as exc:
-        raise bad_request(str(exc)) from None
+        name = str(exc).split(" ", 1)[0].split(".", 1)[0]
+        param = (api_names or {}).get(name, name) if name in SamplingParams.__dataclass_fields__ else None
+        raise bad_request(str(exc), param=param) from None
 
 
 def parse_form(fields: dict[str, list[str]], images: list, videos: list, config: ServerConfig,
-               audios: list = ()) -> GenerateRequest:
+               audios: list = (), vocab_size: int | None = None) -> GenerateRequest:
     """``/v1/generate``: ``fields`` maps each non-file field to its values (``stop`` may repeat)."""
     unknown = sorted(set(fields) - set(FORM_FIELDS))
     if unknown:
         known = sorted(FORM_FIELDS + ("image", "video", "audio"))
-        raise bad_request(f"unknown form field(s) {unknown}; known: {known}")
+        raise bad_request(f"unknown form field(s) {unknown}; known: {known}", param=unknown[0][:100])
     for name, values in fields.items():
         if name != "stop" and len(values) > 1:
             raise bad_request(f"form field {name!r} given {len(values)} times; give it once")
@@ -197,5 +288,8 @@ def parse_form(fields: dict[str, list[str]], images: list, videos: list, config:
               if name not in ("prompt", "stop", MEDIA_OPTIONS_FIELD)}
     stream = values.pop("stream", False)
     values.setdefault("max_tokens", config.default_max_tokens)
+    values["logit_bias"] = logit_bias(values.get("logit_bias"), vocab_size)
+    values["structured"] = structured(values.pop("response_format", None), values.pop("structured_outputs", None))
     params = make_params(stop=fields.get("stop") or None, **values)
-    return GenerateRequest(fields["prompt"][0], images, videos, list(audios), options, params, stream)
+    return GenerateRequest(fields["prompt"][0], images, videos, list(audios), options, params, stream,
+                           structured_field="structured_outputs" if "structured_outputs" in fields else "response_format")

@@ -1,9 +1,10 @@
 """The event-loop side of one request: its place in the admission (``Admission``) and its outputs
 (``RequestStream``).
 
-A stream keeps one pending output: what its reader has not taken yet is merged into it
-(``RequestOutput.merge``), so a client that stops reading costs O(1) entries however many tokens the
-engine produces, and the reader gets the merged delta when it comes back.
+A stream keeps one pending output per sequence (``SamplingParams.n`` sequences, told apart by
+``RequestOutput.index``): what its reader has not taken yet is merged into it (``RequestOutput.merge``), so a
+client that stops reading costs O(n) entries however many tokens the engine produces, and the reader gets
+the merged delta when it comes back. The stream ends when all ``num_sequences`` sequences have finished.
 """
 from __future__ import annotations
 
@@ -53,11 +54,14 @@ class RequestStream:
     """The outputs of one accepted request, in order; what the reader has not taken yet waits merged into one
     pending output. ``close()`` aborts the request if it has not finished."""
 
-    def __init__(self, front: AsyncEngine, request_id: str, arrival: float, admission: Admission):
+    def __init__(self, front: AsyncEngine, request_id: str, arrival: float, admission: Admission,
+                 num_sequences: int = 1):
         self.front, self.request_id, self.arrival = front, request_id, arrival
         self.admission = admission
+        self.num_sequences = num_sequences  # SamplingParams.n
         self.finished = False  # the reader saw the end
-        self._pending: RequestOutput | None = None
+        self._pending: dict[int, RequestOutput] = {}  # sequence index -> what the reader has not taken
+        self._num_finished = 0  # sequences whose final output the reader took
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self._released = False
@@ -65,8 +69,8 @@ class RequestStream:
 
     @property
     def num_pending(self) -> int:
-        """Entries waiting for the reader: 0, 1, or 2 with an error behind an output."""
-        return (self._pending is not None) + (self._error is not None)
+        """Entries waiting for the reader: at most one per sequence, and an error."""
+        return len(self._pending) + (self._error is not None)
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """From the engine thread, through the event loop."""
@@ -74,18 +78,20 @@ class RequestStream:
             self._error = item
         else:
             self._observe(item)
-            self._pending = item if self._pending is None else self._pending.merge(item)
+            earlier = self._pending.get(item.index)
+            self._pending[item.index] = item if earlier is None else earlier.merge(item)
         self._ready.set()
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
             while not self.finished:
-                if self._pending is None and self._error is None:
+                if not self._pending and self._error is None:
                     self._ready.clear()
                     await self._ready.wait()
-                elif self._pending is not None:
-                    out, self._pending = self._pending, None
-                    self.finished = out.finished
+                elif self._pending:
+                    out = self._pending.pop(next(iter(self._pending)))
+                    self._num_finished += out.finished
+                    self.finished = self._num_finished >= self.num_sequences
                     yield out
                 else:
                     self.finished = True
@@ -105,12 +111,18 @@ class RequestStream:
             self._last_token_time = now
 
     async def result(self) -> RequestOutput:
-        """The final output (the whole answer in ``text`` / ``token_ids``)."""
-        last = None
+        """The final output (the whole answer in ``text`` / ``token_ids``) of a one-sequence request."""
+        assert self.num_sequences == 1
+        return (await self.results())[0]
+
+    async def results(self) -> list[RequestOutput]:
+        """The final output of each sequence, by index."""
+        finals = {}
         async for out in self:
-            last = out
-        assert last is not None and last.finished
-        return last
+            if out.finished:
+                finals[out.index] = out
+        assert len(finals) == self.num_sequences
+        return [finals[i] for i in sorted(finals)]
 
     def close(self) -> None:
         if self._released:

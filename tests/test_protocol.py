@@ -9,6 +9,7 @@ from transformers import PreTrainedTokenizerFast
 
 from samples.random_checkpoint import build_tokenizer
 from serve.chat import ChatTemplate, parse_chat
+from serve.openai_fields import ServedModel
 from serve.protocol import APIError, ServerConfig, check_media_type, parse_form
 from tokenization import MediaSlot
 
@@ -49,7 +50,7 @@ def test_form_fields_are_converted_and_validated():
 def test_bad_form_fields_are_400(fields, words):
     error = _error(parse_form, {"prompt": ["x"], **fields}, [], [], CONFIG)
     assert error.status == 400 and words in error.message
-    assert set(error.body()["error"]) == {"message", "type", "code"}
+    assert set(error.body()["error"]) == {"message", "type", "code", "param"}
 
 
 def test_missing_prompt_and_too_many_media():
@@ -87,7 +88,9 @@ def test_chat_plain_format_for_several_messages():
     req, _ = _chat({"messages": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "Hi"},
                                  {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Shape?"}]})
     assert req.prompt == ["System: Be short.\nUser: Hi\nAssistant: Hello\nUser: Shape?"]
-    assert req.params.max_tokens == CONFIG.default_max_tokens
+    served = ServedModel(CONFIG.model_name, max_model_len=100)
+    req, _ = parse_chat(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}).encode(), PLAIN, CONFIG, served)
+    assert req.params.max_tokens == 100  # what is left of the context: the engine stops a sequence at max_model_len
 
 
 def test_chat_remote_urls_refused_unless_allowed():
@@ -109,7 +112,7 @@ def test_chat_remote_urls_refused_unless_allowed():
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": -3}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": true}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "n=1"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', 400, "n must be"),
     (b'{"messages": [{"role": "user", "content": [{"type": "audio", "x": 1}]}]}', 400, "unsupported content part"),
     (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}',
      400, "not valid base64"),

@@ -83,7 +83,7 @@ def _metrics(client) -> dict[str, float]:
 def _expect_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "code"} and error["message"]
+    assert set(error) == {"message", "type", "code", "param"} and error["message"]
     if code:
         assert error["code"] == code
     return error
@@ -475,7 +475,7 @@ def _no_server_error(r: httpx.Response, case) -> None:
     assert r.status_code < 500, (repr(case)[:300], r.text[:500])
     if r.status_code >= 400:
         error = r.json()["error"]
-        assert set(error) == {"message", "type", "code"} and "Traceback" not in error["message"]
+        assert set(error) == {"message", "type", "code", "param"} and "Traceback" not in error["message"]
 
 
 def test_hostile_json_and_forms_are_never_a_server_error(client):
