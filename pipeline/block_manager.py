@@ -54,7 +54,8 @@ class Block:
 
 
 class BlockManager:
-    """Blocks are free (no hash), evictable (hashed, unreferenced; LRU order) or in use (ref_count > 0)."""
+    """Blocks are free (no hash), evictable (hashed, unreferenced; LRU order) or in use (ref_count > 0: more
+    than one for a cached prefix or a forked prompt that several sequences share)."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         assert num_blocks > 0 and block_size > 0
