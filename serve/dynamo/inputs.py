@@ -10,6 +10,11 @@ builds it, with the same functions:
 - text only (the frontend sends no messages then): the token ids are decoded back to the rendered text (a
   leading BOS dropped: the family's layout places its own) and laid out as one text segment.
 
+A request the frontend migrates off a dead worker (``--migration-limit``) comes back with the answer so far
+appended to ``token_ids``. With the messages, the ids past the formatted prompt's are that answer and follow
+our prompt as they did on the first worker (``continuation``); a text-only request carries no such boundary,
+so it is taken as a new prompt (the answer goes on, but not token-identical to an unbroken run).
+
 Sampling comes from Dynamo's ``sampling_options`` / ``stop_conditions`` / ``output_options``; a field this
 engine cannot honour through Dynamo (beam search, guided decoding, logprobs, n > 1) is a ``ValueError``.
 """
@@ -45,6 +50,7 @@ class EngineInput:
     audios: list[bytes] = field(default_factory=list)
     media_options: dict = field(default_factory=dict)
     params: SamplingParams = field(default_factory=SamplingParams)
+    continuation: list[int] = field(default_factory=list)  # ids already generated elsewhere (a migrated request)
 
 
 class InputBuilder:
@@ -64,6 +70,7 @@ class InputBuilder:
             req, refs = parse_chat(json.dumps(body).encode(), self.template, self.config)
             prompt = req.prompt
             media = {kind: [ref.data for ref in refs if ref.kind == kind] for kind in ("image", "video", "audio")}
+            continuation = self._continuation(token_ids, request["extra_args"].get("formatted_prompt"))
         elif any(media_data.values()):
             raise ValueError("media came without the chat messages that place them (extra_args.messages)")
         else:
@@ -71,10 +78,20 @@ class InputBuilder:
                 raise ValueError("the request has no token_ids")
             ids = token_ids[1:] if token_ids[0] == self.tokenizer.bos_token_id else token_ids
             prompt = [self.tokenizer.decode(ids, skip_special_tokens=False)]
-            media = {"image": [], "video": [], "audio": []}
+            media, continuation = {"image": [], "video": [], "audio": []}, []
         options = request.get("mm_processor_kwargs") or {}
         return EngineInput(prompt, media["image"], media["video"], media["audio"], dict(options),
-                           self.params(request))
+                           self.params(request), continuation)
+
+    def _continuation(self, token_ids: list[int], formatted_prompt: str | None) -> list[int]:
+        """A request the frontend migrated from a dead worker has the answer so far after the prompt's ids."""
+        if not formatted_prompt:
+            return []
+        ids = self.tokenizer.encode(formatted_prompt)
+        for head in (ids, [self.tokenizer.bos_token_id] + ids):
+            if len(token_ids) > len(head) and token_ids[:len(head)] == head:
+                return list(token_ids[len(head):])
+        return []
 
     def params(self, request: dict) -> SamplingParams:
         for (group, name), what in _REFUSED.items():

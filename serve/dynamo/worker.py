@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import uuid
@@ -133,14 +134,21 @@ class FusionServeEngine(LLMEngine):
         return [PushSource(on_ready=self.events.attach)]
 
     async def register_prometheus(self, metrics) -> None:
-        registry = CollectorRegistry()
-        bm = self.front.engine.block_manager
-        Gauge("fusionserve_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
-              registry=registry).set_function(lambda: bm.num_queries_tokens)
-        Gauge("fusionserve_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
-              registry=registry).set_function(lambda: bm.num_hit_tokens)
-        Gauge("fusionserve_kv_events_stored", "Routing blocks published as stored",
-              registry=registry).set_function(lambda: self.events.num_stored_published)
+        """Our counters next to Dynamo's on the worker's system port (``/metrics``)."""
+        registry, bm, front = CollectorRegistry(), self.front.engine.block_manager, self.front
+        gauges = {
+            "fusionserve_prefix_cache_query_tokens": ("Prompt tokens looked up in the prefix cache",
+                                                      lambda: bm.num_queries_tokens),
+            "fusionserve_prefix_cache_hit_tokens": ("Prompt tokens served from the prefix cache",
+                                                    lambda: bm.num_hit_tokens),
+            "fusionserve_kv_blocks_used": ("KV blocks held by running requests", lambda: bm.num_used_blocks),
+            "fusionserve_requests_running": ("Requests the engine is running or has waiting",
+                                             lambda: front.stats.num_running + front.stats.num_waiting),
+            "fusionserve_kv_events_stored": ("Routing blocks published as stored",
+                                             lambda: self.events.num_stored_published),
+        }
+        for name, (text, read) in gauges.items():
+            Gauge(name, text, registry=registry).set_function(read)
         register_engine_registry(metrics, registry)
 
     async def generate(self, request, context):
@@ -169,6 +177,8 @@ class FusionServeEngine(LLMEngine):
         prompt = await asyncio.get_running_loop().run_in_executor(
             None, lambda: engine.build_prompt(built.prompt, built.images, built.videos, built.audios,
                                               **built.media_options))
+        if built.continuation:
+            prompt = dataclasses.replace(prompt, token_ids=prompt.token_ids + built.continuation)
         chain = routing_chain(request.get("token_ids") or [], prompt, engine.block_manager.block_size,
                               engine.tokenizer.bos_token_id)
         self.events.register(chain)
