@@ -51,7 +51,7 @@ FIELDS: tuple[Field, ...] = (
     _f("max_completion_tokens", "OpenAI", CHAT, SUPPORTED, "wins over `max_tokens`"),
     _f("temperature", "OpenAI", BOTH, SUPPORTED, "0 = greedy; default 1"),
     _f("top_p", "OpenAI", BOTH, SUPPORTED),
-    _f("n", "OpenAI", BOTH, SUPPORTED, f"1..128 choices; the prompt is prefilled once"),
+    _f("n", "OpenAI", BOTH, SUPPORTED, "1..128 choices; the prompt is prefilled once"),
     _f("seed", "OpenAI", BOTH, SUPPORTED, "per-request generator: the same seed gives the same answer"),
     _f("stop", "OpenAI", BOTH, SUPPORTED, "a string or a list; the stop string is cut from the answer"),
     _f("presence_penalty", "OpenAI", BOTH, SUPPORTED, "-2..2, over generated tokens"),

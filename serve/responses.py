@@ -1,4 +1,5 @@
-"""Engine outputs -> OpenAI response bodies and stream chunks, for chat and (legacy) completions.
+"""Engine outputs -> OpenAI response bodies and stream chunks, for chat and (legacy) completions; and what every
+endpoint shares over HTTP (errors as ``APIError``, server-sent events, disconnects).
 
 Shared by both: the finish reason a client may see (``stop`` | ``length`` | ``tool_calls``: an aborted
 sequence is an error, never ``"abort"``), usage over n choices (the prompt counted once, completion tokens
@@ -9,10 +10,16 @@ summed, as OpenAI), and logprobs. A token's text in logprobs is its own decoded 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
 from pipeline.outputs import RequestOutput
-from serve.protocol import APIError
+from serve.engine_loop import EngineDeadError, NotReadyError, QueueFullError
+from serve.protocol import APIError, ServerConfig, bad_request, from_value_error
 from serve.streams import RequestStream
 from serve.tools import ToolCall, new_call_id, tool_calls
 
@@ -188,3 +195,68 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
     finally:
         for task in tasks:
             task.cancel()
+
+
+# HTTP
+
+def to_api_error(exc: BaseException, config: ServerConfig) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(429, f"the server is busy ({exc}); retry later", "queue_full", "rate_limit_error",
+                        {"Retry-After": str(config.retry_after_s)})
+    if isinstance(exc, NotReadyError):
+        return APIError(503, f"not ready: {exc}", "not_ready", "server_error", {"Retry-After": "1"})
+    if isinstance(exc, ValueError):
+        return from_value_error(exc)
+    if isinstance(exc, HTTPException):
+        return APIError(exc.status_code, str(exc.detail), "http_error")
+    if isinstance(exc, EngineDeadError):
+        return APIError(500, str(exc), "engine_error", "server_error")
+    return APIError(500, "internal server error", "internal_error", "server_error")
+
+
+def check_prompt_text(prompt, config: ServerConfig) -> None:
+    """Chat prompts (text or segments) carry at most ``max_prompt_bytes`` of text (the multipart prompt has its
+    field limit): a 60 MB message is refused before the tokenizer sees it."""
+    texts = [prompt] if isinstance(prompt, str) else [seg for seg in prompt if isinstance(seg, str)]
+    if sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) > config.max_prompt_bytes:
+        raise bad_request(f"the prompt text is over {config.max_prompt_bytes} bytes", "prompt_too_long")
+
+
+def sse(payload) -> bytes:
+    return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+
+class EventStream(StreamingResponse):
+    """SSE over RequestStreams; the requests are closed (aborted if unfinished) however the response ends."""
+
+    def __init__(self, streams: list[RequestStream], events: AsyncIterator[bytes]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.request_streams = streams
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for stream in self.request_streams:
+                stream.close()
+
+
+async def until_disconnect(request: Request, work):
+    """Awaits ``work`` unless the client disconnects first (then ``work`` is cancelled)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return await task

@@ -13,8 +13,9 @@ import torch
 from tokenizers import Tokenizer
 
 from pipeline.config import EngineConfig
-from serve.app import VERSION, create_app
-from serve.openai_fields import CHAT, COMPLETIONS, FIELDS, INFORMATIONAL, REFUSED, SUPPORTED, markdown_table
+from serve.app import create_app
+from serve.openai_serving import VERSION
+from serve.openai_fields import CHAT, COMPLETIONS, FIELDS, REFUSED, markdown_table
 from serve.protocol import ServerConfig
 from server_fixtures import running_server
 
