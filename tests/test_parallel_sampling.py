@@ -3,6 +3,8 @@ last block copied on write. The independent reference for every sequence is a se
 sequence's seed (seed + i, vLLM's rule) in an engine without prefix caching, so no KV is shared there."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,7 @@ def _tokens(outs) -> list[list[int]]:
 def _reference(checkpoint, prompt, params: SamplingParams, **options) -> list[list[int]]:
     """Sequence i of ``params`` as its own n=1 request seeded ``seed + i``, nothing shared."""
     engine = _engine(checkpoint, enable_prefix_caching=False, **options)
-    singles = {f"s{i}": (prompt, SamplingParams(**{**vars(params), "n": 1, "seed": params.seed + i}))
+    singles = {f"s{i}": (prompt, replace(params, n=1, seed=params.seed + i))
                for i in range(params.n)}
     return [outs[0].token_ids for outs in _run(engine, singles).values()]
 
@@ -88,7 +90,7 @@ def test_n4_seeded_prefills_once_differs_reproduces_and_leaves_the_pool_idle(tin
 def test_n4_greedy_gives_four_copies_of_the_n1_answer(tiny_checkpoint, prompt):
     engine = _engine(tiny_checkpoint)
     greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    finals = _run(engine, {"one": (prompt, greedy), "four": (prompt, SamplingParams(**{**vars(greedy), "n": 4}))})
+    finals = _run(engine, {"one": (prompt, greedy), "four": (prompt, replace(greedy, n=4))})
     assert _tokens(finals["four"]) == _tokens(finals["one"]) * 4
     _assert_idle(engine)
 
@@ -139,7 +141,7 @@ def test_sequences_finish_on_their_own(tiny_checkpoint, prompt):
     params = _sampled(max_tokens=12, seed=3, n=4)
     full = _tokens(_run(engine, {"full": (prompt, params)})["full"])
     stop_token = full[2][4]  # sequence 2 stops at its fifth token (or earlier if it drew that token before)
-    stopped = SamplingParams(**{**vars(params), "stop_token_ids": [stop_token]})
+    stopped = replace(params, stop_token_ids=[stop_token])
     outs = _run(engine, {"stopped": (prompt, stopped)})["stopped"]
     for out, ids in zip(outs, full):
         cut = ids.index(stop_token) if stop_token in ids else None
