@@ -2,9 +2,13 @@
 tokens and strings, logprobs, finish reasons, and per-step delta outputs.
 
 Each step's ``RequestOutput`` carries only what the step added, so a long stream costs O(n); the whole
-answer is assembled once, on the final output. A stop string and what follows it are cut; while running,
-a possible stop-string prefix at the end of the text is held back. A stop token (EOS or one of
-``stop_token_ids``) ends the request and is left out of the text.
+answer is assembled once, on the final output. As vLLM: a stop token (EOS unless ``ignore_eos``, or one of
+``stop_token_ids``) ends the request; it stays in ``token_ids`` and is left out of the text, unless
+``include_stop_str_in_output`` (then it is decoded as any token, so a special one still needs
+``skip_special_tokens=False`` to show). A stop string ends it too and is cut with what follows (kept, with
+``include_stop_str_in_output``); while running, a possible stop-string prefix at the end of the text is held
+back. Before ``min_tokens`` tokens neither is checked, and text made by those tokens is not searched for stop
+strings. ``skip_special_tokens`` is the detokenizer's.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ class _State:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[TopLogprobs] = field(default_factory=list)
     num_emitted_logprobs: int = 0
+    num_searched_chars: int = 0  # text already searched for stop strings (or made before min_tokens)
     cut_text: str | None = None  # the text up to a stop string that ended the request
 
 
@@ -32,7 +37,8 @@ class OutputProcessor:
         self._states: dict[str, _State] = {}
 
     def add(self, req: Request) -> None:
-        self._states[req.request_id] = _State(IncrementalDetokenizer(self.tokenizer))
+        skip = req.sampling_params.skip_special_tokens
+        self._states[req.request_id] = _State(IncrementalDetokenizer(self.tokenizer, skip_special_tokens=skip))
 
     def update(self, req: Request, logprob: float | None = None, top: TopLogprobs | None = None
                ) -> tuple[RequestStatus | None, RequestOutput | None]:
@@ -42,21 +48,33 @@ class OutputProcessor:
         if params.logprobs is not None:
             state.logprobs.append(logprob)
             state.top_logprobs.append(top)
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        checks_stops = req.num_output_tokens >= params.min_tokens  # the sampler masked stop tokens before
+        is_stop_token = token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos)
+        if checks_stops and is_stop_token:
+            if params.include_stop_str_in_output:
+                state.detokenizer.add([token])
             return RequestStatus.FINISHED_STOPPED, None
         state.detokenizer.add([token])
         text = state.detokenizer.text
-        longest_stop = max(map(len, params.stop), default=0)
-        if longest_stop:
-            tail_from = max(0, len(state.emitted_text) - longest_stop)
-            hits = [i for i in (text.find(s, tail_from) for s in params.stop) if i >= 0]
-            if hits:
-                state.cut_text = text[:min(hits)]
+        if params.stop and req.num_output_tokens > params.min_tokens:
+            state.cut_text = self._cut_at_stop(text, state.num_searched_chars, params)
+            if state.cut_text is not None:
                 return RequestStatus.FINISHED_STOPPED, None
+        state.num_searched_chars = len(text)
         if req.num_output_tokens >= params.max_tokens or req.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
-        released = text[:max(0, len(text) - longest_stop + 1)] if longest_stop else text
-        return None, self._delta(req, state, released, finished=False)
+        held = 0 if params.include_stop_str_in_output else max(map(len, params.stop), default=1) - 1
+        return None, self._delta(req, state, text[:max(0, len(text) - held)], finished=False)
+
+    @staticmethod
+    def _cut_at_stop(text: str, num_searched: int, params) -> str | None:
+        """The text up to the earliest stop string that ends past ``num_searched`` (through it, with
+        ``include_stop_str_in_output``), or None."""
+        hits = [(i, s) for s in params.stop if (i := text.find(s, max(0, num_searched - len(s) + 1))) >= 0]
+        if not hits:
+            return None
+        start, stop = min(hits)
+        return text[:start + len(stop) if params.include_stop_str_in_output else start]
 
     def finish(self, req: Request) -> RequestOutput:
         """The final output of a finished (or aborted) request: the last delta plus the whole answer."""

@@ -170,6 +170,38 @@ def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, toke
     flat[index] = torch.where(seen < 0, seen * p, seen / p)
 
 
+def apply_frequency_presence_penalties(logits: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor,
+                                       outputs: list[list[int]]) -> None:
+    """In place, OpenAI's definition over each row's generated tokens:
+    logit -= frequency * count(token in output) + presence * (count > 0)."""
+    if not any(outputs):
+        return
+    vocab_size = logits.shape[-1]
+    index, counts = seen_tokens(outputs, vocab_size, logits.device)
+    row = index // vocab_size
+    flat = logits.view(-1)
+    flat[index] -= frequency[row] * counts + presence[row]
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> None:
+    """In place: each row's {token id: bias} added to those logits."""
+    rows = [row for row, bias in enumerate(biases) for _ in bias]
+    cols = [token for bias in biases for token in bias]
+    values = [value for bias in biases for value in bias.values()]
+    device = logits.device
+    logits.index_put_((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                      torch.tensor(values, device=device, dtype=logits.dtype), accumulate=True)
+
+
+def mask_tokens(logits: torch.Tensor, token_ids: list[list[int]]) -> None:
+    """In place: each row's listed tokens get -inf."""
+    rows = [row for row, ids in enumerate(token_ids) for _ in ids]
+    cols = [token for ids in token_ids for token in ids]
+    device = logits.device
+    logits[torch.tensor(rows, device=device, dtype=torch.long), torch.tensor(cols, device=device, dtype=torch.long)] \
+        = float("-inf")
+
+
 def _host_list(x) -> list:
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
@@ -281,6 +313,12 @@ class Sampler:
 
     def new_state(self, params: SamplingParams) -> SamplerState:
         """A request's state; raises ValueError for what this vocabulary cannot serve (before it is queued)."""
+        if self.vocab_size is not None:
+            for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+                bad = sorted(i for i in ids if i >= self.vocab_size)
+                if bad:
+                    raise ValueError(f"{name} has token id {bad[0]}, outside the vocabulary (ids 0 to "
+                                     f"{self.vocab_size - 1})")
         constraint = None
         if params.structured is not None:
             if self._grammars is None:
@@ -298,14 +336,12 @@ class Sampler:
         states: list[SamplerState],
         histories: list[tuple[list[int], list[int]]] | None = None,
     ) -> SamplerOutput:
-        """One token per row. ``histories``: per row (prompt token ids, output token ids), read only."""
+        """One token per row. ``histories``: per row (prompt token ids, output token ids), read only; None: no
+        tokens yet. In order, as vLLM: logit bias, min_tokens' stop-token mask, repetition penalty (prompt and
+        output), frequency and presence penalties (output), the structured outputs' masks; then argmax or sampling."""
         assert logits.dim() == 2 and logits.shape[0] == len(params) == len(states)
-        device = logits.device
-        raw = logits = logits.float()
-        if histories is not None and any(p.repetition_penalty != 1.0 for p in params):
-            logits = raw.clone()
-            penalties = torch.tensor([p.repetition_penalty for p in params], device=device)
-            apply_repetition_penalty(logits, penalties, [list(p) + list(o) for p, o in histories])
+        device, raw = logits.device, logits.float()
+        logits = self.process_logits(raw, params, histories or [((), ())] * len(params))
         constraints = [state.constraint for state in states]
         if any(c is not None for c in constraints):
             from pipeline.structured import apply_constraints
@@ -329,6 +365,36 @@ class Sampler:
         if any(p.logprobs is not None for p in params):
             self._add_logprobs(out, raw, token_ids, params)
         return out
+
+    def process_logits(self, raw: torch.Tensor, params: list[SamplingParams], histories) -> torch.Tensor:
+        """``raw`` with what changes the distribution applied: a copy, or ``raw`` itself when nothing does. Tensors
+        are built only for the rows that ask for each step, and from their histories only."""
+        logits, device = raw, raw.device
+
+        def own() -> torch.Tensor:
+            return raw.clone() if logits is raw else logits
+
+        if any(p.logit_bias for p in params):
+            logits = own()
+            apply_logit_bias(logits, [p.logit_bias for p in params])
+        early = [p.min_tokens > len(output) for p, (_, output) in zip(params, histories)]
+        if any(early):
+            logits = own()
+            mask_tokens(logits, [sorted(self.eos_token_ids.union(p.stop_token_ids)) if e else []  # EOS even with
+                                 for p, e in zip(params, early)])  # ignore_eos, as vLLM's min_tokens does
+        repeat = [p.repetition_penalty != 1.0 for p in params]
+        if any(repeat) and any(len(h[0]) + len(h[1]) for h, r in zip(histories, repeat) if r):
+            logits = own()
+            apply_repetition_penalty(logits, torch.tensor([p.repetition_penalty for p in params], device=device),
+                                     [list(p) + list(o) if r else [] for (p, o), r in zip(histories, repeat)])
+        counted = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
+        if any(c and len(h[1]) for h, c in zip(histories, counted)):
+            logits = own()
+            apply_frequency_presence_penalties(
+                logits, torch.tensor([p.frequency_penalty for p in params], device=device),
+                torch.tensor([p.presence_penalty for p in params], device=device),
+                [list(o) if c else [] for (_, o), c in zip(histories, counted)])
+        return logits
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState],
                 private: bool) -> torch.Tensor:

@@ -261,3 +261,95 @@ def test_extreme_but_valid_seed_and_top_k_sample():
               SamplingParams(temperature=1.0, seed=-2**63)]
     out = Sampler()(logits, params, [SamplerState(p.make_generator()) for p in params])
     assert all(0 <= t < 50 for t in out.token_ids)
+
+
+# the OpenAI / vLLM parameters
+
+
+def ref_processed(row: list[float], params: SamplingParams, prompt: list[int], output: list[int],
+                  eos: set[int]) -> list[float]:
+    """Plain Python, in vLLM's order: logit bias, min_tokens' stop-token mask, repetition penalty (transformers'
+    rule over prompt + output), then OpenAI's frequency and presence penalties over the output."""
+    row = list(row)
+    for token, bias in params.logit_bias.items():
+        row[token] += bias
+    if len(output) < params.min_tokens:
+        for token in eos | set(params.stop_token_ids):
+            row[token] = NEG_INF
+    for token in set(prompt) | set(output):
+        p = params.repetition_penalty
+        row[token] = row[token] * p if row[token] < 0 else row[token] / p
+    for token in set(output):
+        row[token] -= params.frequency_penalty * output.count(token) + params.presence_penalty
+    return row
+
+
+def bound_sampler(vocab: int, eos=frozenset({2})) -> Sampler:
+    sampler = Sampler()
+    sampler.bind(None, eos, vocab)
+    return sampler
+
+
+def test_penalties_bias_and_min_tokens_match_plain_reference():
+    vocab = 40
+    logits = 2.0 * torch.randn(6, vocab, generator=torch.Generator().manual_seed(11))
+    histories = [([1, 4, 4], [5, 5, 5, 9]), ([7], [7, 3, 3]), ([], [0, 1, 2, 3]), ([5], []), ([8, 8], [8, 30]),
+                 ([1], [2, 2])]
+    params = [
+        SamplingParams(frequency_penalty=0.7, presence_penalty=0.4),
+        SamplingParams(frequency_penalty=-0.5, presence_penalty=1.5, repetition_penalty=1.3),
+        SamplingParams(logit_bias={2: 5.0, 39: -100.0, 10: 0.5}, presence_penalty=-2.0),
+        SamplingParams(min_tokens=2, stop_token_ids=[6, 7], logit_bias={6: 3.0}),
+        SamplingParams(min_tokens=2, ignore_eos=True, repetition_penalty=0.8, frequency_penalty=2.0),  # done
+        SamplingParams(min_tokens=3, ignore_eos=True),  # EOS masked all the same, as vLLM
+    ]
+    ours = bound_sampler(vocab).process_logits(logits.clone(), params, histories)
+    for row, (p, (prompt, output)) in enumerate(zip(params, histories)):
+        expected = torch.tensor(ref_processed(logits[row].tolist(), p, prompt, output, {2}))
+        torch.testing.assert_close(ours[row], expected)
+    assert ours[5, 2] == NEG_INF and ours[4, 2] > NEG_INF
+
+
+def test_frequency_presence_penalties_match_vllm_formula():
+    """vLLM's apply_penalties: logits -= f * bincount(output) ; logits -= p * (bincount > 0), over [B, V]."""
+    vocab = 30
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(12))
+    outputs = [[1, 1, 2, 29, 1], [], [0, 0]]
+    f, p = torch.tensor([0.5, 1.0, -1.2]), torch.tensor([0.25, 1.0, 2.0])
+    counts = torch.stack([torch.bincount(torch.tensor(o, dtype=torch.long), minlength=vocab) for o in outputs])
+    expected = logits - f[:, None] * counts - p[:, None] * (counts > 0)
+    params = [SamplingParams(frequency_penalty=a, presence_penalty=b) for a, b in zip(f.tolist(), p.tolist())]
+    ours = bound_sampler(vocab).process_logits(logits.clone(), params, [([3, 4], o) for o in outputs])
+    torch.testing.assert_close(ours, expected)
+
+
+def test_greedy_tokens_follow_the_processed_logits_and_logprobs_stay_raw():
+    vocab = 20
+    logits = torch.zeros(3, vocab)
+    logits[:, 2] = 5.0  # EOS is the argmax
+    logits[:, 4] = 4.0
+    params = [SamplingParams(temperature=0.0, min_tokens=1, logprobs=1),  # EOS masked: 4
+              SamplingParams(temperature=0.0, logit_bias={9: 10.0}),  # 9
+              SamplingParams(temperature=0.0, frequency_penalty=2.0, min_tokens=1)]  # min_tokens met: EOS
+    histories = [([1], []), ([1], [2]), ([1], [4, 4])]
+    out = bound_sampler(vocab)(logits, params, [SamplerState() for _ in params], histories)
+    assert out.token_ids == [4, 9, 2]
+    assert out.logprobs[0] == pytest.approx(logits[0].log_softmax(-1)[4].item())
+
+
+def test_sampled_rows_never_draw_masked_stop_tokens():
+    vocab = 12
+    logits = torch.zeros(400, vocab)
+    logits[:, 2] = 3.0
+    params = [SamplingParams(temperature=1.0, min_tokens=5, stop_token_ids=[7])] * 400
+    out = bound_sampler(vocab)(logits, params, [SamplerState() for _ in params], [([1], [3])] * 400)
+    assert not {2, 7} & set(out.token_ids) and len(set(out.token_ids)) > 5
+
+
+@pytest.mark.parametrize("field", ["logit_bias", "stop_token_ids"])
+def test_token_ids_outside_the_vocabulary_are_refused_before_a_step(field):
+    sampler = bound_sampler(50)
+    value = {50: 1.0} if field == "logit_bias" else [3, 77]
+    with pytest.raises(ValueError, match=f"{field} has token id {50 if field == 'logit_bias' else 77}"):
+        sampler.new_state(SamplingParams(**{field: value}))
+    sampler.new_state(SamplingParams(logit_bias={49: -100.0}, stop_token_ids=[49]))
