@@ -174,6 +174,27 @@ def test_a_dropped_stream_is_aborted_and_frees_its_blocks(client, cluster):
     assert metric(cluster, "fusionserve_kv_blocks_used") == [0, 0]
 
 
+@pytest.fixture(scope="module")
+def disagg_client(checkpoint, tmp_path_factory):
+    """A second deployment: one prefill worker and one decode worker (KV over torch.distributed, gloo)."""
+    with Cluster(str(checkpoint), num_workers=1, disagg=True, served_model_name=NAME, worker_args=WORKER_ARGS,
+                 workdir=tmp_path_factory.mktemp("disagg")) as c:
+        yield c, OpenAI(base_url=c.url + "/v1", api_key="none", timeout=120)
+
+
+@pytest.mark.parametrize("question", [0, 2])
+def test_prefill_and_decode_workers_give_the_aggregated_answer(disagg_client, reference, question):
+    cluster, client = disagg_client
+    prefill, decode = cluster.workers
+    hits = cluster.metric(decode, "fusionserve_prefix_cache_hit_tokens")
+    prefilled = cluster.metric(prefill, "fusionserve_prefix_cache_query_tokens")
+    got = answer(client, NAME, QUESTIONS[question], max_tokens=16)
+    assert got == answer(reference, reference_model(reference), QUESTIONS[question], max_tokens=16)
+    assert cluster.metric(prefill, "fusionserve_prefix_cache_query_tokens") - prefilled == got[1]
+    # the decode worker found the prompt's full blocks in its cache: the prefill's, transferred
+    assert cluster.metric(decode, "fusionserve_prefix_cache_hit_tokens") - hits == got[1] // 16 * 16 > 0
+
+
 def test_killing_a_worker_under_load_leaves_the_other_serving(client, cluster, reference):
     """The frontend (--migration-limit 3) moves the dead worker's requests to the live one, which goes on
     after the answer so far: every answer is the unbroken one, and the frontend keeps answering."""
