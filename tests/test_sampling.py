@@ -353,3 +353,20 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_a_step(field):
     with pytest.raises(ValueError, match=f"{field} has token id {50 if field == 'logit_bias' else 77}"):
         sampler.new_state(SamplingParams(**{field: value}))
     sampler.new_state(SamplingParams(logit_bias={49: -100.0}, stop_token_ids=[49]))
+
+
+def test_the_engine_serves_logit_bias_and_min_tokens(tiny_checkpoint):
+    from pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(str(tiny_checkpoint))
+    tok, eos = pipe.engine.tokenizer, pipe.engine.tokenizer.eos_token_id
+    x = tok.encode("x")[-1]
+    out = pipe("hello", max_tokens=6, temperature=0.0, logit_bias={x: 100.0})
+    assert out.token_ids == [x] * 6 and out.text == tok.decode([x] * 6) and out.finish_reason == "length"
+    out = pipe("hello", max_tokens=10, temperature=1.0, seed=1, logit_bias={eos: 100.0}, min_tokens=4)
+    assert len(out.token_ids) == 5 and out.token_ids[-1] == eos and eos not in out.token_ids[:4]
+    assert out.finish_reason == "stop"
+    vocab = pipe.engine.runner.model.vocab_size
+    with pytest.raises(ValueError, match=f"logit_bias has token id {vocab}"):
+        pipe("hello", logit_bias={vocab: 1.0})
+    assert not pipe.engine.has_unfinished()
