@@ -131,6 +131,12 @@ def test_kv_sharing_layer_reads_without_writing(window):
              runs=[[(1, 5)], [], []])
 
 
+def test_one_group_of_consecutive_tokens_is_the_output():
+    """Equal-length decodes in step order (one group, the whole step) and a lone prefill chunk."""
+    run_case([1] * 5, [11] * 5, block_size=4, num_heads=2, num_kv_heads=1)
+    run_case([13], [20], block_size=4, num_heads=2, num_kv_heads=2)
+
+
 def test_backend_choice():
     assert resolve_backend_name(None, "cpu") == "torch"
     assert resolve_backend_name("auto", "cpu") == "torch"

@@ -5,7 +5,9 @@ Each sequence's key blocks are gathered from the pool through its block table in
 decodes (one query each) are sorted by length and cut into groups of at least four sequences (at most
 sixteen groups), so a short sequence is not padded to the longest; its prefill chunks are grouped the
 same way by chunk length (queries padded within a group), and never share a group with decodes.
-No Python loop over sequences.
+No Python loop over sequences. A group whose tokens are consecutive in the step reads and writes them as
+a slice (no index copy); one group that is the whole step (batch-1 decode, equal lengths) returns its
+output as it is.
 
 Masks: key j is seen by the query at position i iff j < seq_len and either j <= i (and i - j < window on
 a sliding layer) or j lies in the query's bidirectional media run [run_start, run_end). A sliding layer
@@ -37,6 +39,7 @@ class _View:
 @dataclass
 class _Group:
     tokens: torch.Tensor  # [Tg] indices of the group's tokens in the step
+    token_range: tuple[int, int] | None  # (first, end) when those are consecutive in the step: a slice
     q_index: tuple[torch.Tensor, torch.Tensor] | None  # (sequence, row) of each token in the padded queries
     seq_lens: torch.Tensor  # [Bg]
     tables: torch.Tensor  # [Bg, max_blocks] int64
@@ -47,9 +50,12 @@ class _Group:
     views: dict[int | None, _View] = field(default_factory=dict)  # by sliding window (None: full attention)
 
 
-def _group(meta: AttentionMetadata, seqs: torch.Tensor) -> _Group:
-    """Precompute for the sequences ``seqs`` of the step."""
+def _group(meta: AttentionMetadata, part: list[int], cu_host: list[int]) -> _Group:
+    """Precompute for the sequences ``part`` of the step (``cu_host``: cu_seqlens_q as a list)."""
     device = meta.seq_lens.device
+    seqs = torch.tensor(part, device=device)
+    consecutive = part == list(range(part[0], part[-1] + 1))
+    token_range = (cu_host[part[0]], cu_host[part[-1] + 1]) if consecutive else None
     cu = meta.cu_seqlens_q.long()
     starts, query_lens = cu[:-1][seqs], (cu[1:] - cu[:-1])[seqs]
     seq_lens = meta.seq_lens.long()[seqs]
@@ -72,7 +78,8 @@ def _group(meta: AttentionMetadata, seqs: torch.Tensor) -> _Group:
             runs = (meta.query_run_start[tokens][:, None], meta.query_run_end[tokens][:, None])
         else:
             runs[0][q_index], runs[1][q_index] = meta.query_run_start[tokens], meta.query_run_end[tokens]
-    return _Group(tokens, q_index, seq_lens, meta.block_tables[seqs].long(), q_pos, runs, num_seqs, max_query_len)
+    return _Group(tokens, token_range, q_index, seq_lens, meta.block_tables[seqs].long(), q_pos,
+                  runs, num_seqs, max_query_len)
 
 
 def _view(group: _Group, window: int | None, block_size: int) -> _View:
@@ -131,25 +138,32 @@ class TorchBackend(AttentionBackend):
         return buf[:numel].view(shape)
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        query_lens = (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).tolist()
+        cu_host = meta.cu_seqlens_q.tolist()
+        query_lens = [b - a for a, b in zip(cu_host, cu_host[1:])]
         seq_lens = meta.seq_lens.tolist()
         groups = []
         # decodes by length, prefill chunks by chunk length: sorted, and cut where padding to the group's
         # longest would waste much, so no sequence is padded to a much longer one
         for is_decode, key in ((True, seq_lens), (False, query_lens)):
             seqs = sorted((i for i, q in enumerate(query_lens) if (q == 1) == is_decode), key=key.__getitem__)
-            groups += [_group(meta, torch.tensor(part, device=meta.seq_lens.device))
-                       for part in _split_by_length(seqs, key)]
+            groups += [_group(meta, part, cu_host) for part in _split_by_length(seqs, key)]
         meta.extra["torch"] = groups
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window=None):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
-        for group in meta.extra["torch"]:
+        groups = meta.extra["torch"]
+        out = None
+        for group in groups:
             view = group.views.get(sliding_window)
             if view is None:
                 view = group.views[sliding_window] = _view(group, sliding_window, meta.block_size)
-            out[group.tokens] = self._attend(q[group.tokens], k_cache, v_cache, group, view, scale)
+            tokens = group.tokens if group.token_range is None else slice(*group.token_range)
+            part = self._attend(q[tokens], k_cache, v_cache, group, view, scale)
+            if len(groups) == 1 and group.token_range == (0, q.shape[0]):
+                return part
+            if out is None:
+                out = torch.empty_like(q)
+            out[tokens] = part
         return out
 
     def _attend(self, q, k_cache, v_cache, group: _Group, view: _View, scale: float) -> torch.Tensor:
