@@ -280,7 +280,8 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     target = u.double()[:, None] * block_cdf[:, -1:]  # [B, 1]
     block = _first_above(block_cdf, target)  # [B]
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
-    in_block = blocks[torch.arange(num_rows, device=weights.device), block]  # [B, block]
+    rows = torch.arange(num_rows, device=weights.device)
+    in_block = blocks.reshape(-1, CDF_BLOCK).index_select(0, rows * blocks.shape[1] + block)  # [B, block]
     index = _first_above(in_block.double().cumsum(dim=-1), target - before[:, None])
     return block * CDF_BLOCK + index
 
@@ -356,8 +357,8 @@ class Sampler:
         else:
             token_ids = logits.max(dim=-1).indices
             index = torch.tensor(rows, device=device)
-            token_ids[index] = self._sample(logits[index], [params[r] for r in rows], [states[r] for r in rows],
-                                            private=True)
+            token_ids[index] = self._sample(logits.index_select(0, index), [params[r] for r in rows],
+                                            [states[r] for r in rows], private=True)
         out = SamplerOutput(token_ids=token_ids.tolist())
         for constraint, token_id in zip(constraints, out.token_ids):
             if constraint is not None:
