@@ -3,8 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# NVIDIA Dynamo 1.6.1 for serve/dynamo/ (tests/test_dynamo.py): the ai-dynamo wheel requires aisimulate, whose
+# registry package is a stub that downloads from elsewhere (only Dynamo's planner and mocker import it), so both
+# wheels go in without deps, then what the frontend and the workers import; pydantic at the newest the runtime
+# accepts (<=2.13.5), which gradio, fastapi and xgrammar accept too
+DYNAMO_VERSION := 1.6.1
+DYNAMO_STAMP := $(VENV)/.dynamo-$(DYNAMO_VERSION)
+DYNAMO_DEPS := 'pydantic>=2.10.6,<=2.13.5' 'uvloop>=0.21' 'msgspec>=0.19' 'pyzmq>=26' 'aiohttp>=3.14.3,<4' \
+  'zstandard>=0.23,<1' 'redis>=6.2,<9' 'kubernetes>=32.0.1,<33'
+DYNAMO_MODEL ?= samples/fuyu-shapes
+DYNAMO_WORKERS ?= 2
+DYNAMO_ARGS ?=
 
-.PHONY: test test-fast serve setup browser clean bench-vllm
+.PHONY: test test-fast serve setup browser clean bench-vllm dynamo dynamo-up
 
 setup: $(STAMP)
 
@@ -16,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[dev,demo]'
 	touch $(STAMP)
 
-test: $(STAMP) browser
+test: $(STAMP) $(DYNAMO_STAMP) browser
 	$(BIN)/python -m pytest
 
 # Debian's chromium for tests/test_browser.py (playwright's own browser download is not used);
@@ -58,6 +69,20 @@ bench-vllm: $(STAMP) $(VLLM_STAMP)
 	  timeout 600 sh -c 'apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && \
 	  apt-get install -y -qq libtcmalloc-minimal4; }' >/dev/null 2>&1 || echo "make bench-vllm: no tcmalloc"; }
 	$(BIN)/python -m benchmarks.vs_vllm $(BENCH_VLLM_ARGS)
+
+# NVIDIA Dynamo 1.6.1 (the variables are at the top: make test depends on its stamp)
+
+dynamo: $(DYNAMO_STAMP)
+
+$(DYNAMO_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps ai-dynamo==$(DYNAMO_VERSION) ai-dynamo-runtime==$(DYNAMO_VERSION)
+	$(BIN)/python -m pip install -q $(DYNAMO_DEPS)
+	touch $@
+
+# a Dynamo frontend (KV router) on http://127.0.0.1:8000/v1 and DYNAMO_WORKERS fusionserve workers, all on
+# loopback with file discovery; DYNAMO_ARGS go to serve/dynamo/launch.py (--disagg, --router-mode, engine options)
+dynamo-up: $(DYNAMO_STAMP)
+	$(BIN)/python -m serve.dynamo.launch --model $(DYNAMO_MODEL) --workers $(DYNAMO_WORKERS) $(DYNAMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -82,3 +82,24 @@ def test_what_the_worker_cannot_honour_is_a_value_error(engine, builder, fields,
     url = "data:image/png;base64," + base64.b64encode(png_bytes(8, 8)).decode()
     with pytest.raises(ValueError, match=message):
         builder.build({**_dynamo_request(engine, url), **fields})
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "  Hello there "}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Yo"}, {"role": "developer", "content": "x"}],
+    [{"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": " it?"}]}],
+])
+def test_the_plain_template_for_the_frontend_renders_our_plain_format(messages):
+    """A checkpoint without a chat template: the frontend renders serve/dynamo/plain_chat.jinja, which must give
+    the text serve/chat.py's plain format gives (the worker decodes the frontend's ids back to it)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from serve.dynamo.inputs import PLAIN_TEMPLATE
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    rendered = env.from_string(PLAIN_TEMPLATE.read_text()).render(messages=messages, add_generation_prompt=True)
+    ours = ChatTemplate(None).render([("system" if m["role"] == "developer" else m["role"],
+                                       m["content"] if isinstance(m["content"], str)
+                                       else [p["text"] for p in m["content"]]) for m in messages])
+    assert rendered == ours

@@ -10,6 +10,9 @@ builds it, with the same functions:
 - text only (the frontend sends no messages then): the token ids are decoded back to the rendered text (a
   leading BOS dropped: the family's layout places its own) and laid out as one text segment.
 
+A checkpoint without a chat template gets our plain format through the frontend too: the worker registers
+``plain_chat.jinja`` (the same text as ``serve/chat.py``'s plain format) as the model's template.
+
 A request the frontend migrates off a dead worker (``--migration-limit``) comes back with the answer so far
 appended to ``token_ids``. With the messages, the ids past the formatted prompt's are that answer and follow
 our prompt as they did on the first worker (``continuation``); a text-only request carries no such boundary,
@@ -22,12 +25,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.sampling import SamplingParams
 from serve.chat import ChatTemplate, parse_chat
 from serve.protocol import ServerConfig, make_params
 from tokenization import Segment, TextTokenizer
 
+PLAIN_TEMPLATE = Path(__file__).with_name("plain_chat.jinja")  # what the frontend renders for template-less models
 MEDIA_PARTS = {"image_url": "image", "video_url": "video", "audio_url": "audio"}  # part type -> kind
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "include_stop_str_in_output")

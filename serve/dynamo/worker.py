@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from pipeline.engine import Engine
 from serve.chat import ChatTemplate
 from serve.cli import _add_model_args, engine_config
-from serve.dynamo.inputs import InputBuilder
+from serve.dynamo.inputs import PLAIN_TEMPLATE, InputBuilder
 from serve.dynamo.kv_events import KvEventTranslator, prompt_block_hashes, routing_chain
 from serve.engine_loop import AsyncEngine, EngineDeadError, NotReadyError, QueueFullError
 from serve.protocol import APIError, ServerConfig
@@ -96,12 +96,13 @@ class FusionServeEngine(LLMEngine):
             raise SystemExit("fusionserve dynamo-worker: --mode prefill/decode needs --kv-transfer-master, "
                              "--kv-transfer-rank and --kv-transfer-world-size")
         engine = cls(args)
+        template = None if ChatTemplate.from_pretrained(engine.config.model).source else str(PLAIN_TEMPLATE)
         component = args.component or ("fusionserve-prefill" if mode == DisaggregationMode.PREFILL else "fusionserve")
         worker = WorkerConfig(namespace=args.namespace, component=component, endpoint=args.endpoint,
                               model_name=str(engine.config.model), served_model_name=engine.model_name,
                               discovery_backend=args.discovery_backend, request_plane=args.request_plane,
                               event_plane=args.event_plane, disaggregation_mode=mode,
-                              enable_kv_routing=not args.no_kv_events)
+                              enable_kv_routing=not args.no_kv_events, custom_jinja_template=template)
         return engine, worker
 
     async def start(self, worker_id: int) -> EngineConfig:
