@@ -256,7 +256,16 @@ def _message(message, media: list[MediaRef], sentinel: str, config: ServerConfig
 def chat_prompt(body: dict, template: ChatTemplate, config: ServerConfig, tools: list[dict] | None = None
                 ) -> tuple[list[Segment], list[MediaRef]]:
     """``messages`` (and ``add_generation_prompt``) rendered through the template and cut into segments, with the
-    media in slot order (shared by the chat endpoint and ``/tokenize``)."""
+    media in slot order (shared by the chat endpoint and ``/tokenize``). Its errors name ``messages``."""
+    try:
+        return _chat_prompt(body, template, config, tools)
+    except APIError as exc:
+        exc.param = exc.param or "messages"
+        raise
+
+
+def _chat_prompt(body: dict, template: ChatTemplate, config: ServerConfig, tools: list[dict] | None
+                 ) -> tuple[list[Segment], list[MediaRef]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", "missing_messages", param="messages")

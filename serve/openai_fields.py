@@ -131,11 +131,17 @@ FIELDS_BY_NAME: dict[str, dict[str, Field]] = {
     endpoint: {f.name: f for f in FIELDS if endpoint in f.endpoints} for endpoint in BOTH}
 
 
+_SHAPES = {"parallel_tool_calls": "true or false", "user": "a string", "safety_identifier": "a string",
+           "prompt_cache_key": "a string", "metadata": "an object"}  # fields no parser reads further
+
+
 def check_fields(body: dict, endpoint: str) -> None:
     """400 naming the field for an unknown field, or a refused one given with a non-neutral value."""
     known = FIELDS_BY_NAME[endpoint]
     for name, value in body.items():
         spec = known.get(name)
+        if name in _SHAPES and spec is not None:
+            typed(body, name, _SHAPES[name])
         if spec is None:
             raise bad_request(f"unrecognized request field {short(name)} for /v1/{endpoint.replace('chat', 'chat/completions')}",
                               "unknown_field", param=str(name)[:100])

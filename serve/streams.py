@@ -65,7 +65,7 @@ class RequestStream:
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
         self._released = False
-        self._last_token_time: float | None = None
+        self._last_token_time: dict[int, float] = {}  # per sequence
 
     @property
     def num_pending(self) -> int:
@@ -102,13 +102,14 @@ class RequestStream:
     def _observe(self, out: RequestOutput) -> None:
         now, metrics = time.perf_counter(), self.front.metrics
         if out.delta_token_ids:
-            if self._last_token_time is None:
+            last = self._last_token_time.get(out.index)
+            if not self._last_token_time:
                 metrics.time_to_first_token.observe(now - self.arrival)
-            else:
-                gap = (now - self._last_token_time) / len(out.delta_token_ids)
+            elif last is not None:
+                gap = (now - last) / len(out.delta_token_ids)
                 for _ in out.delta_token_ids:
                     metrics.inter_token_latency.observe(gap)
-            self._last_token_time = now
+            self._last_token_time[out.index] = now
 
     async def result(self) -> RequestOutput:
         """The final output (the whole answer in ``text`` / ``token_ids``) of a one-sequence request."""

@@ -34,7 +34,8 @@ def server(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def api(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=60, max_retries=0)
+    with openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=60, max_retries=0) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,12 @@ def test_unknown_fields_are_a_400_naming_them(http):
     _error(http.post("/v1/chat/completions", json=_body(CHAT, max_completion_tokens=0)), 400, "max_completion_tokens")
     _error(http.post("/v1/chat/completions", json=_body(CHAT, stream_options={"include_usage": True})), 400,
            "stream_options")
+    _error(http.post("/v1/chat/completions", json=_body(CHAT, parallel_tool_calls="yes")), 400, "parallel_tool_calls")
+    _error(http.post("/v1/chat/completions", json=_body(CHAT, user=5)), 400, "user")
+    _error(http.post("/v1/chat/completions", json=_body(CHAT, messages=[{"role": "user", "content": 5}])), 400,
+           "messages")
+    _error(http.post("/v1/chat/completions", json=_body(CHAT, messages=[{"role": "user", "content": "x",
+                                                                         "audio": {"id": "a"}}])), 400, "messages")
 
 
 def test_the_model_is_checked(api, http):
@@ -170,8 +177,8 @@ def test_stream_usage_on_every_chunk_null_until_the_last(api):
 def test_default_max_tokens_is_the_rest_of_the_context(tiny_checkpoint):
     app = create_app(EngineConfig(model=str(tiny_checkpoint), num_blocks=64, block_size=8, max_model_len=40),
                      ServerConfig(model_name=MODEL))
-    with running_server(app) as url:
-        api = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    with running_server(app) as url, openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60,
+                                                    max_retries=0) as api:
         out = api.chat.completions.create(model=MODEL, messages=HI, **GREEDY)
         assert out.choices[0].finish_reason == "length"
         assert out.usage.prompt_tokens + out.usage.completion_tokens == 40

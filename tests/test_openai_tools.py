@@ -62,7 +62,8 @@ def server(folder):
 
 @pytest.fixture(scope="module")
 def api(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=120, max_retries=0)
+    with openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=120, max_retries=0) as client:
+        yield client
 
 
 def _check_call(call, names=("get_weather",)):
