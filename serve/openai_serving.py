@@ -165,9 +165,20 @@ class OpenAIServing:
     # small endpoints
 
     async def tokenize(self, request: Request) -> Response:
-        engine = self._engine()
         self._check_json(request)
-        body = load_json(await self._read_json(request))
+        async with await self.front.admit():  # a reading slot while the body is read and its media decoded
+            engine = self._engine()
+            body = load_json(await self._read_json(request))
+            prompt = await self._tokenized(engine, body)
+        answer = {"count": len(prompt.token_ids), "max_model_len": engine.max_model_len,
+                  "tokens": prompt.token_ids}
+        if typed(body, "return_token_strs", "true or false"):
+            answer["token_strs"] = [TokenText(engine.tokenizer)(t) for t in prompt.token_ids]
+        return JSONResponse(answer)
+
+    async def _tokenized(self, engine: Engine, body: dict):
+        """The prompt ``/tokenize`` describes: a text as ``/v1/completions`` lays it out, or messages as
+        ``/v1/chat/completions`` renders them (media decoded: their placeholder ids count)."""
         check_model(body, self.served)
         unknown = sorted(set(body) - {"model", "prompt", "messages", "add_generation_prompt", "tools",
                                       "add_special_tokens", "return_token_strs"})
@@ -182,20 +193,13 @@ class OpenAIServing:
             if not isinstance(body["prompt"], str):
                 raise bad_request("prompt must be a string", param="prompt")
             check_prompt_text(body["prompt"], self.config)
-            prompt = await run_in_threadpool(engine.build_prompt, body["prompt"])
-        else:
-            tools = None if body.get("tools") is None else tool_request({"tools": body["tools"],
-                                                                        "tool_choice": "none"})[0]
-            segments, refs = chat_prompt(body, self.template, self.config, tools)
-            check_prompt_text(segments, self.config)
-            images, videos, audios = await resolve_media(refs, self.config, self.config.max_upload_bytes,
-                                                         ("image", "video", "audio"))
-            prompt = await run_in_threadpool(engine.build_prompt, segments, images, videos, audios)
-        answer = {"count": len(prompt.token_ids), "max_model_len": engine.max_model_len,
-                  "tokens": prompt.token_ids}
-        if typed(body, "return_token_strs", "true or false"):
-            answer["token_strs"] = [TokenText(engine.tokenizer)(t) for t in prompt.token_ids]
-        return JSONResponse(answer)
+            return await run_in_threadpool(engine.build_prompt, body["prompt"])
+        tools = None if body.get("tools") is None else tool_request({"tools": body["tools"], "tool_choice": "none"})[0]
+        segments, refs = chat_prompt(body, self.template, self.config, tools)
+        check_prompt_text(segments, self.config)
+        images, videos, audios = await resolve_media(refs, self.config, self.config.max_upload_bytes,
+                                                     ("image", "video", "audio"))
+        return await run_in_threadpool(engine.build_prompt, segments, images, videos, audios)
 
     async def detokenize(self, request: Request) -> Response:
         engine = self._engine()

@@ -3,6 +3,7 @@ refused field is a 400 naming it, every supported one is exercised), logprobs ag
 log_softmax, n > 1, structured outputs, /v1/completions, the small endpoints."""
 from __future__ import annotations
 
+import base64
 import json
 
 import httpx
@@ -17,7 +18,8 @@ from serve.app import create_app
 from serve.openai_serving import VERSION
 from serve.openai_fields import CHAT, COMPLETIONS, FIELDS, REFUSED, markdown_table
 from serve.protocol import ServerConfig
-from server_fixtures import running_server
+from gemma4_fixtures import gemma4_folder  # noqa: F401 (fixture)
+from server_fixtures import png_bytes, running_server
 
 MODEL = "tiny-fuyu"
 HI = [{"role": "user", "content": "Hi there"}]
@@ -321,6 +323,12 @@ def test_small_endpoints(http, tiny_checkpoint):
     assert t["max_model_len"] == 2048
     chat = http.post("/tokenize", json={"messages": HI}).json()
     assert chat["count"] == http.post("/v1/chat/completions", json=_body(CHAT)).json()["usage"]["prompt_tokens"]
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(30, 20, seed=2)).decode()
+    seen = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What?"}]}]
+    with_image = http.post("/tokenize", json={"messages": seen}).json()
+    usage = http.post("/v1/chat/completions", json=_body(CHAT, messages=seen)).json()["usage"]
+    assert with_image["count"] == usage["prompt_tokens"] > chat["count"]
     reference = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
     strs = http.post("/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()["token_strs"]
     assert strs == [reference.decode([i], skip_special_tokens=False) for i in t["tokens"]]
@@ -329,3 +337,17 @@ def test_small_endpoints(http, tiny_checkpoint):
     _error(http.post("/detokenize", json={"tokens": [10**6]}), 400, "tokens")
     _error(http.post("/tokenize", json={"prompt": "x", "model": "other"}), 404, "model", "model_not_found")
     _error(http.post("/tokenize", json={"prompt": "x", "truncate": 2}), 400, "truncate")
+
+
+@pytest.mark.slow
+def test_gemma4_unified_token_prompts_and_tokenize(gemma4_folder):
+    app = create_app(EngineConfig(model=str(gemma4_folder), num_blocks=256, block_size=8), ServerConfig())
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        ids = http.post("/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
+        body = {"max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 1}
+        text = http.post("/v1/completions", json={"prompt": "Hello world", **body}).json()["choices"][0]
+        as_ids = http.post("/v1/completions", json={"prompt": ids, **body}).json()["choices"][0]
+        assert as_ids["text"] == text["text"] and as_ids["logprobs"]["tokens"] == text["logprobs"]["tokens"]
+        chat = http.post("/tokenize", json={"messages": HI}).json()
+        usage = http.post("/v1/chat/completions", json=_body(CHAT)).json()["usage"]
+        assert chat["count"] == usage["prompt_tokens"]
