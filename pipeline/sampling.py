@@ -293,6 +293,22 @@ def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.minimum(index, last).squeeze(1)
 
 
+def _sample_top_k(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float],
+                  inv_temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor | None:
+    """The draw of the vocabulary-wide path when every row has a small top-k (on CPU), from topk(max k) alone:
+    the same kept tokens, in vocabulary order, without a pass over the vocabulary after the topk. None when a
+    row's k-th value ties past the candidates (the vocabulary-wide path keeps all the ties)."""
+    values, ids = logits.topk(max(top_k), dim=-1)  # [B, K], best first
+    kth = values.gather(1, torch.tensor(top_k, device=logits.device)[:, None] - 1)  # [B, 1]
+    if values.shape[1] < logits.shape[1] and bool((values[:, -1:] == kth).any()):  # a tie reaches the edge
+        if bool(((logits == kth).sum(dim=-1) > (values == kth).sum(dim=-1)).any()):
+            return None
+    x = (values - values[:, :1]).mul_(inv_temperature)  # log weights, as the full path's
+    x.masked_fill_(x < filter_cutoffs(x, top_k, top_p, min_p)[:, None], float("-inf"))
+    ids, order = ids.sort(dim=-1)  # vocabulary order, as the full path draws
+    return ids.gather(1, inverse_cdf(x.gather(1, order).exp_(), u)[:, None]).squeeze(1)
+
+
 class Sampler:
     """Samples one token per row: argmax for greedy rows; for the others, inverse-CDF sampling with one uniform
     per row over the filtered distribution, in vocabulary order. Seeded rows draw their uniform only from their
@@ -402,18 +418,23 @@ class Sampler:
         """One token per row of [B, V] ``logits``, every row at a temperature > 0; ``private``: the logits are
         this call's own copy (worked on in place: at a real vocabulary each fresh [B, V] buffer costs)."""
         device = logits.device
-        row_max = logits.amax(dim=-1, keepdim=True)
-        x = logits.sub_(row_max) if private else logits - row_max  # [B, V] log weights, row max 0
-        if any(p.temperature != 1.0 for p in params):
-            x.mul_(torch.tensor([1.0 / p.temperature for p in params], device=device)[:, None])
-        top_k, top_p, min_p = [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p) or any(m > 0.0 for m in min_p):
-            x.masked_fill_(x < filter_cutoffs(x, top_k, top_p, min_p)[:, None], float("-inf"))
         u = torch.rand(len(params), generator=self.generator, device=device, dtype=torch.float64)
         seeded = [row for row, state in enumerate(states) if state.generator is not None]
         if seeded:
             own = [torch.rand(1, generator=states[row].generator, device=device, dtype=torch.float64) for row in seeded]
             u[torch.tensor(seeded, device=device)] = torch.cat(own)
+        top_k, top_p, min_p = [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params]
+        inv_temperature = torch.tensor([1.0 / p.temperature for p in params], device=device)[:, None]
+        if device.type == "cpu" and all(0 < k <= TOP_P_CANDIDATES for k in top_k):
+            token_ids = _sample_top_k(logits, top_k, top_p, min_p, inv_temperature, u)
+            if token_ids is not None:
+                return token_ids
+        row_max = logits.amax(dim=-1, keepdim=True)
+        x = logits.sub_(row_max) if private else logits - row_max  # [B, V] log weights, row max 0
+        if any(p.temperature != 1.0 for p in params):
+            x.mul_(inv_temperature)
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p) or any(m > 0.0 for m in min_p):
+            x.masked_fill_(x < filter_cutoffs(x, top_k, top_p, min_p)[:, None], float("-inf"))
         return inverse_cdf(x.exp_(), u)  # weights: unnormalized probabilities
 
     @staticmethod

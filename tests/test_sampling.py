@@ -370,3 +370,28 @@ def test_the_engine_serves_logit_bias_and_min_tokens(tiny_checkpoint):
     with pytest.raises(ValueError, match=f"logit_bias has token id {vocab}"):
         pipe("hello", logit_bias={vocab: 1.0})
     assert not pipe.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=7), dict(top_k=30, top_p=0.6), dict(top_k=12, min_p=0.2)])
+def test_small_top_k_from_candidates_draws_as_the_vocabulary_wide_path(monkeypatch, kwargs):
+    """On CPU a batch whose rows all have a small top-k samples from topk(max k) alone; with the same uniforms it
+    must draw what the vocabulary-wide path draws (forced here by allowing no candidates)."""
+    import pipeline.sampling as sampling
+
+    vocab = 2 * CDF_BLOCK + 77
+    logits = 3.0 * torch.randn(8, vocab, generator=torch.Generator().manual_seed(13))
+    logits[3, [5, 600, 900]] = logits[3].max() + 1.0  # a tie at the top
+    logits[4, :5], logits[4, [100, 700, 1100, vocab - 1]] = 20.0, 19.5  # a tie across the 7th place: kept whole
+    params = [SamplingParams(temperature=0.5 + 0.2 * row, seed=row, **kwargs) for row in range(8)]
+
+    def draws() -> list[list[int]]:
+        states = [SamplerState(p.make_generator()) for p in params]
+        return [sample_with(states) for _ in range(25)]
+
+    def sample_with(states):
+        return Sampler()(logits, params, states).token_ids
+
+    candidates = draws()
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 0)
+    assert draws() == candidates
+    assert len({tuple(step) for step in candidates}) > 1
