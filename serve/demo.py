@@ -3,8 +3,9 @@
 It submits to the same ``AsyncEngine`` as ``/v1/generate`` (``app.state.front``): one model, one KV
 pool, and demo requests batch with API requests. The answer streams as the engine steps; the stats
 line shows tokens/s, time to first token and the prompt-token count (cached tokens included). The audio
-input (upload or microphone) and its example questions are shown on page load when the served family
-takes audio (``AsyncEngine.modalities``).
+input (upload or microphone), its example questions and the sample sounds are shown on page load when the
+served family takes audio (``AsyncEngine.modalities``); a sound sent to a model that takes none (through the
+page's API) is answered with a message saying so.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ IMAGE_QUESTIONS = ("What color is the shape?", "What shape is this?", "How many 
                    "Describe the image.")
 VIDEO_QUESTION = "Which way is the shape moving?"
 QUESTIONS = IMAGE_QUESTIONS + (VIDEO_QUESTION,)
-AUDIO_QUESTIONS = ("What do you hear?", "Transcribe the audio.")
+AUDIO_QUESTIONS = ("How many beeps are there?", "Is the tone low, middle or high?")  # the bundled model's
 AUDIO_QUESTION = AUDIO_QUESTIONS[0]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov")
@@ -106,10 +107,11 @@ class Demo:
         await self.front.wait_ready(READY_WAIT_S)
         return "audio" in self.front.modalities
 
-    async def show_audio(self) -> tuple[dict, dict]:
-        """On page load: the audio input and its example questions, shown when the model takes audio."""
+    async def show_audio(self) -> tuple[dict, dict, dict]:
+        """On page load: the audio input, its example questions and sample sounds, shown when the model takes
+        audio."""
         visible = await self.takes_audio()
-        return gr.update(visible=visible), gr.update(visible=visible)
+        return gr.update(visible=visible), gr.update(visible=visible), gr.update(visible=visible)
 
     async def answer(self, image: str | None, video: str | None, audio: str | None, question: str,
                      max_tokens: float, temperature: float, top_p: float, top_k: float, seed: float | None
@@ -126,6 +128,9 @@ class Demo:
                                     top_k=int(top_k), seed=None if seed is None or seed < 0 else int(seed))
         except (TypeError, ValueError) as exc:
             raise gr.Error(f"Bad sampling setting: {exc}") from exc
+        if audio and not await self.takes_audio():
+            raise gr.Error("The served model takes images and videos, not audio: ask about an image or a video "
+                           "(a Gemma 4 Unified checkpoint listens).")
         start = time.perf_counter()
         try:
             kinds = ["image"] * bool(image) + ["video"] * bool(video) + ["audio"] * bool(audio)
@@ -185,10 +190,15 @@ def build_demo(front: AsyncEngine, examples: list[DemoExample] | None = None, ma
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                     top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k (0: all)")
                     seed = gr.Number(value=-1, precision=0, minimum=-1, label="Seed (-1: random)")
-        if examples:
-            gr.Examples([e.row() for e in examples], inputs=[image, video, audio, question], label="Sample media",
-                        examples_per_page=12)
-        blocks.load(demo.show_audio, None, [audio, audio_questions], api_name=False)
+        pictures = [e.row() for e in examples or () if not e.audio]
+        sounds = [e.row() for e in examples or () if e.audio]
+        if pictures:
+            gr.Examples(pictures, inputs=[image, video, audio, question], label="Sample media", examples_per_page=12)
+        with gr.Column(visible=False) as audio_samples:
+            if sounds:
+                gr.Examples(sounds, inputs=[image, video, audio, question], label="Sample sounds",
+                            examples_per_page=12)
+        blocks.load(demo.show_audio, None, [audio, audio_questions, audio_samples], api_name=False)
         inputs = [image, video, audio, question, max_tokens, temperature, top_p, top_k, seed]
         event = gr.on([ask.click, question.submit], demo.answer, inputs, [answer, stats], api_name="answer",
                       concurrency_limit=None)  # the engine batches; its queue limit answers overload
@@ -202,7 +212,7 @@ def mount_demo(app: Starlette, path: str = DEMO_PATH, media_dir: Path = MEDIA_DI
     allowed = [str(Path(media_dir).resolve())] if Path(media_dir).is_dir() else []
 
     def build_and_mount() -> gr.Blocks:
-        blocks = build_demo(front, find_examples(media_dir), template=app.state.template)
+        blocks = build_demo(front, find_examples(media_dir, with_audio=True), template=app.state.template)
         gr.mount_gradio_app(app, blocks, path, allowed_paths=allowed, max_file_size=config.max_upload_bytes,
                             footer_links=[], run_history=False, ssr_mode=False, mcp_server=False)
         return blocks

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.config import EngineConfig
 from pipeline.engine import Engine
 from serve.app import create_app
-from serve.demo import AUDIO_QUESTION, DEMO_PATH, QUESTIONS, VIDEO_QUESTION, Demo, find_examples, mount_demo
+from samples.beeps import BEEP_PROMPTS
+from serve.demo import AUDIO_QUESTION, AUDIO_QUESTIONS, DEMO_PATH, QUESTIONS, VIDEO_QUESTION, Demo, find_examples, mount_demo
 from serve.protocol import ServerConfig
 from gemma4_fixtures import gemma4_folder  # noqa: F401 (fixture)
 from server_fixtures import mp4_bytes, png_bytes, running_server, wav_bytes
@@ -39,6 +40,8 @@ def media_dir(tmp_path_factory):
     (folder / "a_shape.txt").write_text("What color is the shape?\n")
     (folder / "moving.mp4").write_bytes(mp4_bytes())
     (folder / "notes.md").write_text("not media")
+    (folder / "beeps.wav").write_bytes(wav_bytes()[0])
+    (folder / "beeps.txt").write_text("How many beeps are there?\n")
     return folder
 
 
@@ -93,8 +96,12 @@ def test_find_examples(media_dir, tmp_path):
         (None, "moving.mp4", VIDEO_QUESTION),
     ]
     assert find_examples(tmp_path / "missing") == []
+    sounds = [e for e in find_examples(media_dir, with_audio=True) if e.audio]
+    assert [(e.audio.split("/")[-1], e.image, e.video, e.question) for e in sounds] == [
+        ("beeps.wav", None, None, "How many beeps are there?")]
     assert QUESTIONS == ("What color is the shape?", "What shape is this?", "How many shapes are there?",
                          "Describe the image.", "Which way is the shape moving?")
+    assert AUDIO_QUESTIONS == tuple(BEEP_PROMPTS.values())  # the bundled model's sound questions
 
 
 def test_image_answer_streams_transformers_ids_on_the_api_engine(demo_server, client, media_dir, hf_model,
@@ -194,13 +201,25 @@ def test_audio_is_shown_only_for_a_family_that_takes_it(demo_app, demo_server, m
     config = httpx.get(url + DEMO_PATH + "/config", timeout=30).json()
     (audio,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "audio"]
     assert audio["props"]["visible"] is False and audio["props"]["sources"] == ["upload", "microphone"]
-    assert [e.audio for e in find_examples(media_dir, with_audio=True) if e.audio] == []
+    # the sample sound is on the page, in a column hidden until the page learns the model takes audio
+    (sounds,) = [c for c in config["components"] if c.get("props", {}).get("label") == "Sample sounds"]
+    assert len(sounds["props"]["samples"]) == 1
+    updates = asyncio.run(Demo(demo_app[0].state.front).show_audio())
+    assert [u["visible"] for u in updates] == [False, False, False]
+
+
+def test_a_sound_for_a_model_without_audio_is_a_clear_message(client, media_dir):
+    """The page hides the audio input from this Fuyu model; a sound sent through the page's API anyway is answered
+    with a message, not a crash, and the page keeps answering."""
+    with pytest.raises(gradio_client.exceptions.AppError, match="takes images and videos, not audio"):
+        _ask(client, audio=media_dir / "beeps.wav", question="How many beeps are there?")
+    assert _ask(client, image=media_dir / "b_shapes.png", max_tokens=4)[-1][0]
 
 
 @pytest.fixture(scope="module")
-def gemma_demo(gemma4_folder, tmp_path_factory):
+def gemma_demo(gemma4_folder, media_dir):
     app = create_app(EngineConfig(model=str(gemma4_folder), num_blocks=256, block_size=8), ServerConfig())
-    mount_demo(app, media_dir=tmp_path_factory.mktemp("no-media"))
+    mount_demo(app, media_dir=media_dir)
     with running_server(app) as url:
         yield url, app
 
@@ -208,6 +227,8 @@ def gemma_demo(gemma4_folder, tmp_path_factory):
 def test_an_audio_question_on_gemma_matches_the_api(gemma_demo, tmp_path):
     url, app = gemma_demo
     assert asyncio.run(Demo(app.state.front).takes_audio()) is True
+    updates = asyncio.run(Demo(app.state.front).show_audio())  # input, example questions, sample sounds
+    assert [u["visible"] for u in updates] == [True, True, True]
     sound = tmp_path / "tone.wav"
     sound.write_bytes(wav_bytes()[0])
     # the demo renders its question through the checkpoint's chat template, as the chat API does
