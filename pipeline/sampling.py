@@ -1,4 +1,5 @@
-"""SamplingParams and the batched sampler (greedy, temperature, top-k/p, min-p, repetition penalty, seed)."""
+"""SamplingParams and the batched sampler: logit bias, min_tokens, repetition / frequency / presence penalties,
+greedy, temperature, top-k/p, min-p, seeds (vLLM's names and order)."""
 from __future__ import annotations
 
 import itertools
@@ -183,23 +184,23 @@ def apply_frequency_presence_penalties(logits: torch.Tensor, frequency: torch.Te
     flat[index] -= frequency[row] * counts + presence[row]
 
 
+def _rows_and_columns(per_row: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors of each row's listed token ids (any iterable of ids per row: a list, a dict's keys)."""
+    rows = [row for row, ids in enumerate(per_row) for _ in ids]
+    cols = [token for ids in per_row for token in ids]
+    return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
+
+
 def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> None:
     """In place: each row's {token id: bias} added to those logits."""
-    rows = [row for row, bias in enumerate(biases) for _ in bias]
-    cols = [token for bias in biases for token in bias]
-    values = [value for bias in biases for value in bias.values()]
-    device = logits.device
-    logits.index_put_((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-                      torch.tensor(values, device=device, dtype=logits.dtype), accumulate=True)
+    values = torch.tensor([value for bias in biases for value in bias.values()], dtype=logits.dtype,
+                          device=logits.device)
+    logits.index_put_(_rows_and_columns(biases, logits.device), values, accumulate=True)
 
 
 def mask_tokens(logits: torch.Tensor, token_ids: list[list[int]]) -> None:
     """In place: each row's listed tokens get -inf."""
-    rows = [row for row, ids in enumerate(token_ids) for _ in ids]
-    cols = [token for ids in token_ids for token in ids]
-    device = logits.device
-    logits[torch.tensor(rows, device=device, dtype=torch.long), torch.tensor(cols, device=device, dtype=torch.long)] \
-        = float("-inf")
+    logits[_rows_and_columns(token_ids, logits.device)] = float("-inf")
 
 
 def _host_list(x) -> list:
