@@ -17,7 +17,12 @@ the plain format:
 - otherwise one line per message, ``System: ...`` / ``User: ...`` / ``Assistant: ...``, joined by
   newlines; the engine appends ``<0x04>`` (beginning of answer) after the last one.
 
-Any JSON body is either a request or an ``APIError`` (400/415): too deep, non-finite or out-of-range
+Tools (``serve/tools.py``) go to the template as ``tools``; an assistant message's ``tool_calls`` (their
+``arguments`` parsed to objects, as vLLM does) and ``role: "tool"`` messages with ``tool_call_id`` go in the
+messages, as transformers' templates take them. The request's fields are checked against
+``serve/openai_fields.py``'s table first.
+
+Any JSON body is either a request or an ``APIError`` (400/404/415): too deep, non-finite or out-of-range
 numbers, wrong types and lone surrogates are refused here, and messages never echo a whole value.
 """
 from __future__ import annotations
@@ -92,6 +97,9 @@ class ChatTemplate:
             else:
                 m["content"] = _parts(m["content"])
         if self._compiled is None:
+            if not add_generation_prompt:
+                raise bad_request("without a chat template the prompt always ends where the answer begins (the "
+                                  "family's layout places it)", param="add_generation_prompt")
             if tools or any("tool_calls" in m for m in messages):
                 raise bad_request("this checkpoint has no chat template, so tools and tool calls cannot be rendered",
                                   "template_error", param="tools" if tools else "messages")

@@ -97,7 +97,7 @@ FIELDS: tuple[Field, ...] = (
        "`grammar` (xgrammar)"),
     _f("mm_processor_kwargs", "vLLM", CHAT, SUPPORTED, "the family's media options (Gemma 4 Unified: "
        "`max_soft_tokens`, ...)"),
-    _f("add_generation_prompt", "vLLM", CHAT, SUPPORTED, "default true"),
+    _f("add_generation_prompt", "vLLM", CHAT, SUPPORTED, "default true; false needs a chat template"),
     _f("use_beam_search", "vLLM", BOTH, REFUSED, "no beam search", (None, False)),
     _f("length_penalty", "vLLM", BOTH, REFUSED, "beam search only", (None, 1, 1.0)),
     _f("spaces_between_special_tokens", "vLLM", BOTH, REFUSED, "", (None, True)),

@@ -98,12 +98,13 @@ SUPPORTED_EXAMPLES = {
     "safety_identifier": "s-1", "prompt_cache_key": "k", "metadata": {"a": "b"}, "best_of": 1, "top_k": 5,
     "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 1, "stop_token_ids": [3],
     "include_stop_str_in_output": True, "skip_special_tokens": False, "ignore_eos": True,
-    "structured_outputs": {"regex": "[ab]{1,3}"}, "mm_processor_kwargs": {}, "add_generation_prompt": False,
+    "structured_outputs": {"regex": "[ab]{1,3}"}, "mm_processor_kwargs": {},
 }
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
     "additionalProperties": False}}}
-COVERED_ELSEWHERE = {"messages", "prompt", "logprobs", "tools", "tool_choice"}  # the first field; tests below
+COVERED_ELSEWHERE = {"messages", "prompt", "logprobs", "tools", "tool_choice",  # tests below
+                     "add_generation_prompt"}  # test_openai_tools.py (it needs a chat template)
 
 
 def _example(endpoint: str, name: str) -> dict:
@@ -147,6 +148,8 @@ def test_unknown_fields_are_a_400_naming_them(http):
     _error(http.post("/v1/chat/completions", json=_body(CHAT, stream_options={"include_usage": True})), 400,
            "stream_options")
     _error(http.post("/v1/chat/completions", json=_body(CHAT, parallel_tool_calls="yes")), 400, "parallel_tool_calls")
+    _error(http.post("/v1/chat/completions", json=_body(CHAT, add_generation_prompt=False)), 400,
+           "add_generation_prompt")  # no chat template: the layout places the beginning of the answer
     _error(http.post("/v1/chat/completions", json=_body(CHAT, user=5)), 400, "user")
     _error(http.post("/v1/chat/completions", json=_body(CHAT, messages=[{"role": "user", "content": 5}])), 400,
            "messages")

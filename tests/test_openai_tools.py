@@ -129,3 +129,16 @@ def test_auto_and_none(api, server):
                         "response_format")]:
         r = httpx.post(server + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 2, **bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+def test_add_generation_prompt_is_the_templates(server, folder):
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    for flag in (True, False):
+        ids = httpx.post(server + "/tokenize", json={"messages": ASK, "add_generation_prompt": flag}).json()["tokens"]
+        text = reference.apply_chat_template(ASK, chat_template=TEMPLATE, tokenize=False, add_generation_prompt=flag)
+        assert text.endswith("<|assistant|>") == flag
+        r = httpx.post(server + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 1,
+                                                              "add_generation_prompt": flag})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(ids)
+    with_prompt = httpx.post(server + "/tokenize", json={"messages": ASK}).json()["count"]
+    assert len(ids) < with_prompt
