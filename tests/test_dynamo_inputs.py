@@ -103,3 +103,13 @@ def test_the_plain_template_for_the_frontend_renders_our_plain_format(messages):
                                        m["content"] if isinstance(m["content"], str)
                                        else [p["text"] for p in m["content"]]) for m in messages])
     assert rendered == ours
+
+
+def test_fusionserve_serve_imports_no_dynamo():
+    import subprocess
+    import sys
+
+    code = ("import sys, serve.app, serve.cli, serve.chat, serve.engine_loop; "
+            "print(sorted(m for m in sys.modules if m == 'dynamo' or m.startswith('dynamo.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
