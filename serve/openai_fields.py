@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pipeline.sampling import MAX_LOGPROBS, SamplingParams, StructuredOutputs
 from serve.protocol import INT64_LIMIT as INT_LIMIT
-from serve.protocol import APIError, bad_request, logit_bias, make_params, short, structured
+from serve.protocol import APIError, bad_request, check_token_ids, logit_bias, make_params, short, structured
 
 CHAT, COMPLETIONS = "chat", "completions"
 BOTH = (CHAT, COMPLETIONS)
@@ -198,11 +198,7 @@ def sampling_values(body: dict, vocab_size: int | None) -> dict:
     out). ``max_tokens``, ``logprobs`` and the structured output are the endpoints' own."""
     values = {param: typed(body, name, what) for name, (what, param) in SAMPLING.items()}
     values["logit_bias"] = logit_bias(body.get("logit_bias"), vocab_size)
-    for ids_name in ("stop_token_ids",):
-        for token_id in values[ids_name] or ():
-            if vocab_size is not None and token_id >= vocab_size:
-                raise bad_request(f"{ids_name} has {token_id}, not a token id of this model (0..{vocab_size - 1})",
-                                  param=ids_name)
+    check_token_ids(values["stop_token_ids"], vocab_size, "stop_token_ids")
     return {k: v for k, v in values.items() if v is not None}
 
 

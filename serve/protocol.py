@@ -178,6 +178,13 @@ def logit_bias(value, vocab_size: int | None) -> dict[int, float] | None:
     return bias
 
 
+def check_token_ids(ids, vocab_size: int | None, param: str) -> None:
+    for token_id in ids or ():
+        if vocab_size is not None and isinstance(token_id, int) and token_id >= vocab_size:
+            raise bad_request(f"{param} has {token_id}, not a token id of this model (0..{vocab_size - 1})",
+                              param=param)
+
+
 def response_format(value) -> StructuredOutputs | None:
     """OpenAI's ``response_format`` -> a structured output (None for ``{"type": "text"}``)."""
     if value is None:
@@ -289,6 +296,7 @@ def parse_form(fields: dict[str, list[str]], images: list, videos: list, config:
     stream = values.pop("stream", False)
     values.setdefault("max_tokens", config.default_max_tokens)
     values["logit_bias"] = logit_bias(values.get("logit_bias"), vocab_size)
+    check_token_ids(values.get("stop_token_ids"), vocab_size, "stop_token_ids")
     values["structured"] = structured(values.pop("response_format", None), values.pop("structured_outputs", None))
     params = make_params(stop=fields.get("stop") or None, **values)
     return GenerateRequest(fields["prompt"][0], images, videos, list(audios), options, params, stream,

@@ -143,6 +143,7 @@ def test_unknown_fields_are_a_400_naming_them(http):
     _error(http.post("/v1/chat/completions", json=_body(CHAT, temperature="hot")), 400, "temperature")
     _error(http.post("/v1/chat/completions", json=_body(CHAT, logit_bias={"99999": 1})), 400, "logit_bias")
     _error(http.post("/v1/chat/completions", json=_body(CHAT, logit_bias={"a": 1})), 400, "logit_bias")
+    _error(http.post("/v1/completions", json=_body(COMPLETIONS, stop_token_ids=[100000])), 400, "stop_token_ids")
     _error(http.post("/v1/completions", json=_body(COMPLETIONS, n=2, best_of=3)), 400, "best_of")
     _error(http.post("/v1/chat/completions", json=_body(CHAT, max_completion_tokens=0)), 400, "max_completion_tokens")
     _error(http.post("/v1/chat/completions", json=_body(CHAT, stream_options={"include_usage": True})), 400,
@@ -260,6 +261,9 @@ def test_generate_form_takes_the_sampling_fields(http, hf_model):
     assert [c["index"] for c in r.json()["choices"]] == [0, 1]
     bad = http.post("/v1/generate", files=[("prompt", (None, "Hi")), ("response_format", (None, "{nope"))])
     _error(bad, 400, "response_format")
+    bad = http.post("/v1/generate", files=[("prompt", (None, "Hi")), ("stop_token_ids", (None, "[3, 100000]"))])
+    _error(bad, 400, "stop_token_ids")
+    _error(http.post("/v1/generate", files=[("prompt", (None, "Hi")), ("n", (None, "0"))]), 400, "n")
 
 
 def test_n_choices_streamed_and_not(api):
@@ -354,3 +358,12 @@ def test_gemma4_unified_token_prompts_and_tokenize(gemma4_folder):
         chat = http.post("/tokenize", json={"messages": HI}).json()
         usage = http.post("/v1/chat/completions", json=_body(CHAT)).json()["usage"]
         assert chat["count"] == usage["prompt_tokens"]
+
+
+def test_logit_bias_string_keys_steer_the_answer(api, tiny_checkpoint):
+    piece = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")).decode([42], skip_special_tokens=False)
+    out = api.chat.completions.create(model=MODEL, messages=HI, max_tokens=3, logprobs=True, logit_bias={"42": 100},
+                                      **GREEDY)  # OpenAI's JSON: token ids as string keys
+    assert [e.token for e in out.choices[0].logprobs.content] == [piece] * 3
+    out = api.completions.create(model=MODEL, prompt="Hi", max_tokens=3, logprobs=0, logit_bias={"42": 100}, **GREEDY)
+    assert out.choices[0].logprobs.tokens == [piece] * 3
