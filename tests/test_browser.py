@@ -1,7 +1,9 @@
-"""The demo page in a real browser: Debian's headless chromium driven by playwright uploads an image, asks a
-question, reads the answer as it streams and saves a screenshot (under the test's tmp dir)."""
+"""The demo page in a real browser: Debian's headless chromium driven by playwright uploads an image (or, on a
+model that listens, a sound), asks a question, reads the answer as it streams and saves a screenshot (under the
+test's tmp dir)."""
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from pipeline.config import EngineConfig
 from serve.app import create_app
 from serve.demo import DEMO_PATH, mount_demo
 from serve.protocol import ServerConfig
-from server_fixtures import running_server
+from gemma4_fixtures import gemma4_folder  # noqa: F401 (fixture)
+from server_fixtures import running_server, wav_bytes
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -87,3 +90,39 @@ def test_upload_ask_stream_and_screenshot(browser, tiny_checkpoint, tmp_path):
     assert f"{api['usage']['completion_tokens']} tokens in" in stats
     assert any("generating" in s for s in seen), seen  # partial answers were shown before the end
     assert re.search(r"\d+(\.\d+)? tokens/s", stats)
+
+
+def test_audio_upload_and_question_on_a_model_that_listens(browser, gemma4_folder, tmp_path):
+    """On a Gemma 4 Unified checkpoint the page shows the audio input once it learns the model takes audio; an
+    uploaded sound and its question give the chat API's answer to the same message."""
+    sound = tmp_path / "beeps.wav"
+    sound.write_bytes(wav_bytes()[0])
+    question = "How many beeps are there?"
+    app = create_app(EngineConfig(model=str(gemma4_folder), num_blocks=256, block_size=8), ServerConfig())
+    mount_demo(app, media_dir=tmp_path / "no-media")
+    with running_server(app) as url:
+        part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(sound.read_bytes()).decode(),
+                                                       "format": "wav"}}
+        api = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": [part, {"type": "text", "text": question}]}],
+            "max_tokens": 32, "temperature": 0}).json()
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url + DEMO_PATH)
+        page.locator("#audio input[type=file]").set_input_files(str(sound))  # shown on load: the model listens
+        page.locator("#audio audio, #audio .waveform-container, #audio [data-testid='waveform-audio']").first.wait_for(
+            state="attached")
+        page.locator("#question textarea").fill(question)
+        page.locator("#ask").click()
+        page.locator("#stats", has_text="finished:").wait_for()
+        try:
+            page.wait_for_function("([sel, want]) => document.querySelector(sel).value === want",
+                                   arg=["#answer textarea", api["choices"][0]["message"]["content"]], timeout=10_000)
+        except Exception:  # noqa: BLE001 - the assertion below reports what the page shows
+            pass
+        answer = page.locator("#answer textarea").input_value()
+        stats = page.locator("#stats").inner_text()
+        page.screenshot(path=str(tmp_path / "demo-audio.png"), full_page=True)
+        page.close()
+    assert answer == api["choices"][0]["message"]["content"]
+    assert f"prompt: {api['usage']['prompt_tokens']} tokens" in stats
