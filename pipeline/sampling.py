@@ -151,24 +151,24 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token id, logprob), best first
 
 
-def seen_tokens(histories: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each (row, token) of the rows' token lists once, as flat indices row * vocab_size + token into [B, V]
-    logits, and how many times it occurs: one sort of the history, no [B, V] buffer."""
+def flat_token_index(histories: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token of each row's list as a flat index row * vocab_size + token into [B, V] logits (repeats
+    included), and its row: the penalties read and write only these places, no [B, V] buffer."""
     tokens = torch.tensor(list(itertools.chain.from_iterable(histories)), dtype=torch.long, device=device)
     rows = torch.repeat_interleave(torch.arange(len(histories), device=device),
                                    torch.tensor([len(h) for h in histories], device=device))
-    return torch.unique(rows * vocab_size + tokens, return_counts=True)
+    return rows * vocab_size + tokens, rows
 
 
 def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, token_history: list[list[int]]) -> None:
-    """In place, as transformers' RepetitionPenaltyLogitsProcessor: seen tokens' positive logits / p, negative * p."""
+    """In place, as transformers' RepetitionPenaltyLogitsProcessor: seen tokens' positive logits / p, negative * p.
+    A repeated token is written more than once, always with the value computed from its original logit."""
     if not any(token_history):
         return
-    vocab_size = logits.shape[-1]
-    index, _ = seen_tokens(token_history, vocab_size, logits.device)
-    flat, p = logits.view(-1), penalties[index // vocab_size]
-    seen = flat[index]
-    flat[index] = torch.where(seen < 0, seen * p, seen / p)
+    index, rows = flat_token_index(token_history, logits.shape[-1], logits.device)
+    flat, p = logits.view(-1), penalties.index_select(0, rows)
+    seen = flat.index_select(0, index)
+    flat.index_copy_(0, index, torch.where(seen < 0, seen * p, seen / p))
 
 
 def apply_frequency_presence_penalties(logits: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor,
@@ -177,30 +177,28 @@ def apply_frequency_presence_penalties(logits: torch.Tensor, frequency: torch.Te
     logit -= frequency * count(token in output) + presence * (count > 0)."""
     if not any(outputs):
         return
-    vocab_size = logits.shape[-1]
-    index, counts = seen_tokens(outputs, vocab_size, logits.device)
-    row = index // vocab_size
+    index, rows = flat_token_index(outputs, logits.shape[-1], logits.device)
     flat = logits.view(-1)
-    flat[index] -= frequency[row] * counts + presence[row]
+    flat.index_copy_(0, index, flat.index_select(0, index) - presence.index_select(0, rows))  # once per token
+    flat.index_add_(0, index, frequency.index_select(0, rows), alpha=-1)  # once per occurrence
 
 
-def _rows_and_columns(per_row: list, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index tensors of each row's listed token ids (any iterable of ids per row: a list, a dict's keys)."""
-    rows = [row for row, ids in enumerate(per_row) for _ in ids]
-    cols = [token for ids in per_row for token in ids]
-    return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device))
+def _flat_index(per_row: list, vocab_size: int, device) -> torch.Tensor:
+    """Flat indices row * vocab_size + token of each row's listed token ids (a list, a dict's keys)."""
+    return torch.tensor([row * vocab_size + token for row, ids in enumerate(per_row) for token in ids],
+                        dtype=torch.long, device=device)
 
 
 def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> None:
     """In place: each row's {token id: bias} added to those logits."""
     values = torch.tensor([value for bias in biases for value in bias.values()], dtype=logits.dtype,
                           device=logits.device)
-    logits.index_put_(_rows_and_columns(biases, logits.device), values, accumulate=True)
+    logits.view(-1).index_add_(0, _flat_index(biases, logits.shape[-1], logits.device), values)
 
 
 def mask_tokens(logits: torch.Tensor, token_ids: list[list[int]]) -> None:
     """In place: each row's listed tokens get -inf."""
-    logits[_rows_and_columns(token_ids, logits.device)] = float("-inf")
+    logits.view(-1).index_fill_(0, _flat_index(token_ids, logits.shape[-1], logits.device), float("-inf"))
 
 
 def _host_list(x) -> list:
@@ -368,14 +366,15 @@ class Sampler:
             apply_constraints(logits, constraints)  # in place, on the constrained rows only
         rows = [row for row, p in enumerate(params) if not p.is_greedy]  # rows that sample
         if not rows:
-            token_ids = logits.max(dim=-1).indices  # the first maximum, as argmax (faster on CPU)
+            token_ids = logits.argmax(dim=-1)
         elif len(rows) == len(params):
             token_ids = self._sample(logits, params, states, private=logits is not raw)
         else:
-            token_ids = logits.max(dim=-1).indices
+            token_ids = logits.argmax(dim=-1)
             index = torch.tensor(rows, device=device)
-            token_ids[index] = self._sample(logits.index_select(0, index), [params[r] for r in rows],
-                                            [states[r] for r in rows], private=True)
+            sampled = self._sample(logits.index_select(0, index), [params[r] for r in rows], [states[r] for r in rows],
+                                   private=True)
+            token_ids.index_copy_(0, index, sampled)
         out = SamplerOutput(token_ids=token_ids.tolist())
         for constraint, token_id in zip(constraints, out.token_ids):
             if constraint is not None:
@@ -423,7 +422,7 @@ class Sampler:
         seeded = [row for row, state in enumerate(states) if state.generator is not None]
         if seeded:
             own = [torch.rand(1, generator=states[row].generator, device=device, dtype=torch.float64) for row in seeded]
-            u[torch.tensor(seeded, device=device)] = torch.cat(own)
+            u.index_copy_(0, torch.tensor(seeded, device=device), torch.cat(own))
         top_k, top_p, min_p = [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params]
         inv_temperature = torch.tensor([1.0 / p.temperature for p in params], device=device)[:, None]
         if device.type == "cpu" and all(0 < k <= TOP_P_CANDIDATES for k in top_k):
