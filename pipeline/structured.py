@@ -192,6 +192,7 @@ class TokenMasks:
     def __init__(self, vocab_size: int, stop_token_ids):
         self.vocab_size = vocab_size
         self.stop_token_ids = frozenset(stop_token_ids)
+        self.stop_token_index = torch.tensor(sorted(self.stop_token_ids))
         words = [0] * xgr.get_bitmask_shape(1, vocab_size)[1]
         for token_id in self.stop_token_ids:
             words[token_id // 32] |= 1 << token_id % 32
@@ -278,3 +279,9 @@ def apply_constraints(logits: torch.Tensor, constraints: list[Constraint | None]
         lo, hi = rows[0], rows[-1] + 1
         device[lo:hi].copy_(host[lo:hi], non_blocking=True)  # the step's .tolist() syncs before the next fill
     xgr.apply_token_bitmask_inplace(logits, device, vocab_size=masks.vocab_size, indices=rows)
+    complete = [row for row in rows if constraints[row].matcher.is_completed()]
+    if complete:  # a complete grammar whose stop tokens min_tokens banned: the grammar wins, the request ends
+        index = torch.tensor(complete, device=logits.device)
+        dead = index[logits.index_select(0, index).isneginf().all(dim=-1)]
+        if len(dead):
+            logits[dead[:, None], masks.stop_token_index.to(logits.device)] = 0.0

@@ -292,3 +292,21 @@ def test_json_strings_never_admit_raw_control_characters(cache, tokenizer, schem
     allowed = _allowed(logits[0])
     assert tokenizer.encode("a")[-1] in allowed
     assert not [i for i in allowed if (b := _token_bytes(tokenizer, i)) and b[0] < 0x20]
+
+
+def test_a_complete_grammar_beats_min_tokens_and_ignore_eos_keeps_to_stop_tokens(pipe):
+    """min_tokens bans EOS, a complete grammar allows nothing else: the grammar wins and the request ends;
+    with ignore_eos a complete grammar only repeats EOS (dropped from the text) up to max_tokens."""
+    spec = StructuredOutputs(choice=["yes"])
+    early, ignoring = pipe.generate(["hi", "hi"], [SamplingParams(structured=spec, min_tokens=6, max_tokens=8),
+                                                   SamplingParams(structured=spec, ignore_eos=True, max_tokens=8)])
+    eos = pipe.tokenizer.eos_token_id
+    assert (early.text, early.finish_reason) == ("yes", "stop")
+    assert (ignoring.text, ignoring.finish_reason, len(ignoring.token_ids)) == ("yes", "length", 8)
+    assert set(ignoring.token_ids[-4:]) == {eos}
+
+
+def test_each_of_n_sequences_has_its_own_grammar_state(pipe):
+    outs = pipe.generate(["pick"], SamplingParams(structured=StructuredOutputs(choice=["yes", "no", "maybe not"]),
+                                                  n=4, max_tokens=12, seed=3))[0]
+    assert len(outs) == 4 and all(o.text in ("yes", "no", "maybe not") and o.finish_reason == "stop" for o in outs)
