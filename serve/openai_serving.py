@@ -31,6 +31,9 @@ VERSION = importlib.metadata.version("fusionserve")
 
 
 class OpenAIServing:
+    """The handlers over one ``AsyncEngine``: each admits first (a place in the capacity and a reading slot),
+    reads and parses the body off the event loop, then submits; the answer is one JSON body or SSE."""
+
     def __init__(self, front: AsyncEngine, config: ServerConfig, template: ChatTemplate):
         self.front, self.config, self.template = front, config, template
 
