@@ -367,3 +367,49 @@ def test_logit_bias_string_keys_steer_the_answer(api, tiny_checkpoint):
     assert [e.token for e in out.choices[0].logprobs.content] == [piece] * 3
     out = api.completions.create(model=MODEL, prompt="Hi", max_tokens=3, logprobs=0, logit_bias={"42": 100}, **GREEDY)
     assert out.choices[0].logprobs.tokens == [piece] * 3
+
+
+HOSTILE = [  # (path, JSON body)
+    ("/v1/completions", {"prompt": [[1, 2], "x"]}), ("/v1/completions", {"prompt": [[]]}),
+    ("/v1/completions", {"prompt": [1.5]}), ("/v1/completions", {"prompt": [True]}),
+    ("/v1/completions", {"prompt": [-1]}), ("/v1/completions", {"prompt": "x" * 300_000}),
+    ("/v1/completions", {"prompt": ["x"] * 1000}), ("/v1/completions", {"prompt": {"a": 1}}),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}), ("/v1/completions", {"prompt": "x", "logprobs": True}),
+    ("/v1/completions", {"prompt": "x", "n": 10**30}), ("/v1/completions", {"prompt": "x", "best_of": "2"}),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": []}}),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "(", "choice": ["a"]}}),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "(unclosed"}}),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"grammar": "not ebnf ::= ::="}}),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": [1]}),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": "a"}}), ("/v1/completions", {"prompt": "x", "logit_bias": []}),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 1}}), ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 101}}),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}), ("/v1/completions", {"prompt": "x", "min_tokens": 99}),
+    ("/v1/completions", {"prompt": "x", "model": 5}),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}}),
+    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f", "parameters": 5}}],
+                              "tool_choice": "required"}),
+    ("/v1/chat/completions", {"messages": HI, "tools": "f", "tool_choice": "none"}),
+    ("/v1/chat/completions", {"messages": HI, "tools": [TOOL], "tool_choice": {"type": "function"}}),
+    ("/v1/chat/completions", {"messages": HI, "tools": [TOOL], "tool_choice": 5}),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": "x"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x", "tool_call_id": 5}]}),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}}),
+    ("/tokenize", {}), ("/tokenize", {"prompt": 5}), ("/tokenize", {"prompt": "x", "messages": HI}),
+    ("/tokenize", {"messages": "x"}), ("/tokenize", {"prompt": "x", "add_special_tokens": False}),
+    ("/detokenize", {}), ("/detokenize", {"tokens": "x"}), ("/detokenize", {"tokens": [-1]}),
+    ("/detokenize", {"tokens": [1], "x": 1}),
+]
+
+
+def test_hostile_bodies_are_never_a_server_error(http):
+    for path, body in HOSTILE:
+        r = http.post(path, json={"max_tokens": 2, **body} if "completions" in path else body)
+        assert 400 <= r.status_code < 500, (path, str(body)[:200], r.text[:300])
+        assert set(r.json()["error"]) == {"message", "type", "code", "param"}
+    for path in ("/v1/completions", "/tokenize", "/detokenize"):
+        for raw in (b"", b"[]", b"{", b'{"prompt": NaN}', b"\xff"):
+            r = http.post(path, content=raw, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (path, raw, r.text)
+    assert http.get("/health").status_code == 200
