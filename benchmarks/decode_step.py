@@ -2,12 +2,18 @@
 its own KV cache (DynamicCache), same model, same context length. The two are timed in alternation, step by
 step, in the same process, so machine noise hits both alike; medians are printed.
 
-    .venv/bin/python -m benchmarks.decode_step [--context 256] [--steps 30] [--threads N]
+    .venv/bin/python -m benchmarks.decode_step [--context 256] [--steps 30] [--threads N] [--busy N]
+
+``--busy N`` runs N competing processes that spin on a core each while both are timed: what a server's
+media decoding or HTTP loop (or a neighbour) does to the engine's torch threads.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -64,25 +70,39 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """``n`` processes that each keep one core busy until the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    parser.add_argument("--busy", type=int, default=0, help="competing busy processes while timing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = bench_checkpoint()
     print(f"decode step, context {args.context}, float32, CPU threads {torch.get_num_threads()}, "
-          f"median of {args.steps} alternating steps")
+          f"median of {args.steps} alternating steps, {args.busy} competing busy processes")
     print(f"{'batch':>5} {'ours ms':>9} {'transformers ms':>16} {'speed-up':>9}")
     for batch in (1, 32):
         ours, ref = Ours(folder, batch, args.context, args.steps + 2), Reference(folder, batch, args.context)
         ours.step(), ref.step()  # warm-up
         t_ours, t_ref = [], []
-        for _ in range(args.steps):
-            t_ours.append(_timed(ours.step))
-            t_ref.append(_timed(ref.step))
+        with busy_processes(args.busy):
+            for _ in range(args.steps):
+                t_ours.append(_timed(ours.step))
+                t_ref.append(_timed(ref.step))
         a, b = statistics.median(t_ours), statistics.median(t_ref)
         print(f"{batch:>5} {a * 1e3:>9.2f} {b * 1e3:>16.2f} {b / a:>8.2f}x")
 

@@ -8,7 +8,9 @@ methods); torch.profiler records the aten ops inside. "ops" is the time inside t
 under the profiler minus every op's. Wall times without the profiler are printed beside, for scale.
 
     .venv/bin/python -m benchmarks.profile_step [--family fuyu|gemma4_unified] [--context 256] [--steps 20]
-                                                [--prefill 8x256] [--threads N] [--top 12]
+                                                [--prefill 8x256] [--threads N] [--top 12] [--busy N]
+
+``--busy N``: N competing processes spin on a core each while the steps run (see benchmarks.decode_step).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import bench_checkpoint
-from benchmarks.decode_step import Ours
+from benchmarks.decode_step import Ours, busy_processes
 from pipeline.model_runner import SeqChunk
 from pipeline.sampling import SamplingParams
 
@@ -83,7 +85,7 @@ def label(runner) -> None:
             _label_module(module, "layer glue (residuals, activation)")
         elif leaf == "rotary":
             _label_module(module, "rotary")
-    for module, fn in ((fuyu, "apply_rotary"), (gemma4_unified, "rotate")):
+    for module, fn in ((fuyu, "apply_rotary_"), (gemma4_unified, "rotate")):
         if not hasattr(getattr(module, fn), "scoped"):
             setattr(module, fn, _scoped("rotary", getattr(module, fn)))
     model.embed = _scoped("embedding", model.embed)
@@ -219,12 +221,13 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32", help="decode batch sizes")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--top", type=int, default=12, help="how many ops to list by self time")
+    parser.add_argument("--busy", type=int, default=0, help="competing busy processes while profiling")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = make_folder(args.family)
     print(f"{args.family} benchmark checkpoint, float32, CPU threads {torch.get_num_threads()}, "
-          f"{args.steps} steps per scene, torch {torch.__version__}")
+          f"{args.steps} steps per scene, {args.busy} competing busy processes, torch {torch.__version__}")
     num_seqs, chunk_len = (int(x) for x in args.prefill.split("x"))
     scenes = [lambda b=b: decode_scene(folder, b, args.context, 2 * args.steps + 4)
               for b in map(int, args.batches.split(","))]
@@ -232,7 +235,8 @@ def main() -> None:
     for make in scenes:
         scene = make()
         label(scene.runner)
-        profile_scene(scene, args.steps, args.top)
+        with busy_processes(args.busy):
+            profile_scene(scene, args.steps, args.top)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,19 @@ class StepMedia:
     audio_indices: torch.Tensor | None = None  # [A] int64: token index in the step of each audio frame
 
 
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """RoPE sines [..., R] with the rotated half's sign folded in (-sin on the first half): see ``rotate``."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE over x's last dim (``sin`` from ``signed_sin``): x * cos + (x2, x1) * sin, equal bit for
+    bit to the usual x * cos + (-x2, x1) * sin with one op less."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 class CausalLM(nn.Module, metaclass=ABCMeta):
     """A family's decoder over the paged KV pool: flat tokens in, hidden states and logits out."""
 

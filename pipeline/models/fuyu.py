@@ -17,7 +17,7 @@ from torch import nn
 
 from encoders import MediaLimits, PatchConfig, VideoSampling, normalize_patches
 from pipeline.attention import PagedAttention, StepContext
-from pipeline.models.base import CausalLM, StepMedia
+from pipeline.models.base import CausalLM, StepMedia, rotate, signed_sin
 from pipeline.models.loading import load_weights, read_config
 from tokenization import Interleaver
 
@@ -103,7 +103,7 @@ class ModelArgs:
 
 
 class RotaryEmbedding(nn.Module):
-    """Partial rotary (rotate-half) on the first ``rotary_dim`` channels; cos/sin cached per position."""
+    """Partial rotary (rotate-half) on the first ``rotary_dim`` channels; cos / signed sin cached per position."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -113,18 +113,19 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, rotary_dim]
         self.cos_cache = nn.Buffer(emb.cos(), persistent=False)
-        self.sin_cache = nn.Buffer(emb.sin(), persistent=False)
+        self.sin_cache = nn.Buffer(signed_sin(emb.sin()), persistent=False)
         self.rotary_dim = dim
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos_cache[positions, None].to(dtype), self.sin_cache[positions, None].to(dtype)  # [T, 1, R]
+        """Once per step for every layer: [T, 1, 1, R] cos and signed sin."""
+        return self.cos_cache[positions, None, None].to(dtype), self.sin_cache[positions, None, None].to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """In place on the first ``rotary_dim`` channels of x [T, H, 2, D] (queries and keys together)."""
+    x_rot = x[..., :rotary_dim]
+    x_rot.copy_(rotate(x_rot, cos, sin))
+    return x
 
 
 class Attention(nn.Module):
@@ -141,12 +142,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.query_key_value(x).view(x.shape[0], self.num_heads, 3, self.head_dim)  # [T, H, 3, D]
-        q, k, v = qkv.unbind(2)
         if self.qk_layernorm:
-            q, k = self.q_layernorm(q), self.k_layernorm(k)
-        q = apply_rotary(q, cos, sin, self.rotary_dim)
-        k = apply_rotary(k, cos, sin, self.rotary_dim)
-        out = self.attn(q, k, v.contiguous())
+            q, k, v = qkv.unbind(2)
+            qk = torch.stack((self.q_layernorm(q), self.k_layernorm(k)), dim=2)  # [T, H, 2, D]
+        else:
+            qk, v = qkv[:, :, :2].clone(), qkv[:, :, 2]
+        q, k = apply_rotary_(qk, cos, sin, self.rotary_dim).unbind(2)  # one rotation for both
+        out = self.attn(q, k, v)
         return self.dense(out.reshape(x.shape[0], -1))
 
 

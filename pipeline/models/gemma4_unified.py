@@ -17,7 +17,7 @@ from torch import nn
 
 from encoders import MediaLimits, VideoSampling
 from pipeline.attention import PagedAttention, StepContext
-from pipeline.models.base import CausalLM, StepMedia
+from pipeline.models.base import CausalLM, StepMedia, rotate, signed_sin
 from pipeline.models.gemma4_unified_config import ACTIVATIONS, Gemma4Args, LayerSpec, VisionArgs
 from pipeline.models.loading import load_weights, read_config
 from tokenization.gemma4_unified import Gemma4UnifiedLayout
@@ -31,17 +31,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.pow(y.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        return y.type_as(x)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE over the whole head; x [T, H, D], cos / sin [T, 1, D]."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        weight = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).type_as(x)  # one op for six
 
 
 class Attention(nn.Module):
@@ -206,7 +197,7 @@ class Gemma4UnifiedModel(CausalLM):
         for kind, inv_freq in self.inv_freq.items():
             freqs = positions[:, None].float() * inv_freq  # [T, D/2]
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [T, 1, D]
-            rope[kind] = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+            rope[kind] = (emb.cos().to(x.dtype), signed_sin(emb.sin()).to(x.dtype))
         for layer in self.layers:
             x = layer(x, *rope[layer.layer_type])
         return self.norm(x)
