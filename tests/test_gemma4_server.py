@@ -68,7 +68,7 @@ def _generate(client, prompt: str, files: list, **fields) -> dict:
 def _error(r: httpx.Response, status: int, words: str) -> dict:
     assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert set(error) == {"message", "type", "code"} and words in error["message"], error
+    assert set(error) == {"message", "type", "code", "param"} and words in error["message"], error
     return error
 
 
