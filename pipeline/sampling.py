@@ -269,9 +269,12 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per row of ``weights`` [B, V] (>= 0, each row with a positive sum) the index drawn with probability
     weight / sum for the uniform ``u`` [B] in [0, 1): the first index whose prefix sum exceeds u * sum.
 
-    Two levels, so no prefix sum runs over the whole vocabulary: the sums of blocks of ``CDF_BLOCK`` weights
-    (float64 prefix over the blocks) pick the block, then that block's own prefix sums pick the index."""
+    Past a few blocks, two levels, so no prefix sum runs over the whole vocabulary: the sums of blocks of
+    ``CDF_BLOCK`` weights (float64 prefix over the blocks) pick the block, then that block's prefix sums the index."""
     num_rows, vocab_size = weights.shape
+    if vocab_size <= 8 * CDF_BLOCK:  # small: one float64 prefix sum is cheaper than two levels of small ops
+        cdf = weights.double().cumsum(dim=-1)
+        return _first_above(cdf, u.double()[:, None] * cdf[:, -1:])
     pad = -vocab_size % CDF_BLOCK
     blocks = torch.nn.functional.pad(weights, (0, pad)) if pad else weights
     blocks = blocks.view(num_rows, -1, CDF_BLOCK)  # [B, num blocks, block]

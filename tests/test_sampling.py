@@ -97,7 +97,7 @@ def ref_inverse_cdf(weights: list[float], u: float) -> tuple[int, float]:
     return max(i for i, w in enumerate(weights) if w > 0), 0.0
 
 
-@pytest.mark.parametrize("vocab", [37, CDF_BLOCK, 3 * CDF_BLOCK + 5])
+@pytest.mark.parametrize("vocab", [37, CDF_BLOCK, 8 * CDF_BLOCK + 5, 16 * CDF_BLOCK])  # 1 and 2 levels
 def test_inverse_cdf_matches_plain_prefix_search(vocab):
     gen = torch.Generator().manual_seed(vocab)
     weights = torch.rand(6, vocab, generator=gen) ** 4
@@ -113,17 +113,18 @@ def test_inverse_cdf_matches_plain_prefix_search(vocab):
             assert ours[row] == expected or margin < 1e-6
 
 
-def test_top_k_frequencies_at_a_vocabulary_of_several_blocks():
-    vocab, n = 2 * CDF_BLOCK + 100, 10000
+@pytest.mark.parametrize("kwargs", [dict(top_k=4), dict(top_p=0.5), dict()])  # candidates; vocabulary-wide
+def test_frequencies_at_a_vocabulary_of_many_blocks(kwargs):
+    vocab, n = 8 * CDF_BLOCK + 100, 3000
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(6))
-    logits[[3, 700, vocab - 1, 1030]] += torch.tensor([3.0, 3.5, 4.0, 2.5])
-    params = [SamplingParams(temperature=0.9, top_k=4)] * n
-    out = sample(logits.expand(n, -1).contiguous(), params)
-    top = logits.topk(4).indices
-    freq = torch.bincount(torch.tensor(out.token_ids), minlength=vocab).float() / n
-    assert freq.sum().item() == pytest.approx(1.0) and torch.all(freq[top] > 0)
-    assert freq[top].sum().item() == pytest.approx(1.0)  # nothing outside the top 4
-    assert torch.allclose(freq[top], (logits[top] / 0.9).softmax(-1), atol=0.02)
+    logits[[3, 700, vocab - 1, 1030]] += torch.tensor([7.0, 7.5, 8.0, 6.5])
+    out = sample(logits.expand(n, -1).contiguous(), [SamplingParams(temperature=0.9, **kwargs)] * n)
+    kept = sorted(ref_mask(logits.tolist(), kwargs.get("top_k", 0), kwargs.get("top_p", 1.0), 0.0, 0.9))
+    freq = torch.bincount(torch.tensor(out.token_ids), minlength=vocab).double() / n
+    probs = (logits[kept] / 0.9).double().softmax(-1)
+    assert freq[kept].sum().item() == pytest.approx(1.0)  # nothing outside the filters
+    top = probs.topk(min(4, len(kept))).indices
+    assert torch.allclose(freq[kept][top], probs[top], atol=0.03)
 
 
 def test_sampling_never_touches_the_global_rng():
@@ -378,7 +379,7 @@ def test_small_top_k_from_candidates_draws_as_the_vocabulary_wide_path(monkeypat
     must draw what the vocabulary-wide path draws (forced here by allowing no candidates)."""
     import pipeline.sampling as sampling
 
-    vocab = 2 * CDF_BLOCK + 77
+    vocab = 8 * CDF_BLOCK + 77  # the vocabulary-wide draw in two levels
     logits = 3.0 * torch.randn(8, vocab, generator=torch.Generator().manual_seed(13))
     logits[3, [5, 600, 900]] = logits[3].max() + 1.0  # a tie at the top
     logits[4, :5], logits[4, [100, 700, 1100, vocab - 1]] = 20.0, 19.5  # a tie across the 7th place: kept whole
