@@ -50,9 +50,17 @@ def synthetic_tokenizer(vocab_size: int) -> TextTokenizer:
     return TextTokenizer(tok)
 
 
+def take_turns(keys, measure, rounds: int) -> dict[int, float]:
+    """Median of ``measure(key, round)`` per key; the keys take turns within each round, so machine noise hits
+    them alike."""
+    samples: dict[int, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys:
+            samples[k].append(measure(k, r))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def bench_sampler(vocab_size: int, steps: int) -> None:
-    """The configurations take turns step by step (each with its own rows' states), so machine noise hits
-    them alike; medians per step."""
     start = time.process_time()
     tokenizer = synthetic_tokenizer(vocab_size)
     sampler = Sampler(torch.Generator().manual_seed(0))
@@ -65,51 +73,42 @@ def bench_sampler(vocab_size: int, steps: int) -> None:
     compile_s = time.process_time() - start
     plain = SamplingParams(temperature=1.0, seed=2)
     configs = {k: [constrained] * k + [plain] * (ROWS - k) for k in (0, 1, 8, ROWS)}
-    states = {k: [sampler.new_state(p) for p in params] for k, params in configs.items()}
+    states = {k: [sampler.new_state(p) for p in params] for k, params in configs.items()}  # each its own rows
     g = torch.Generator().manual_seed(0)
     pool = [torch.randn(ROWS, vocab_size, generator=g) for _ in range(8)]
-    times: dict[int, list[float]] = {k: [] for k in configs}
-    for step in range(steps):
-        for k, params in configs.items():
-            begin = time.process_time()
-            sampler(pool[step % len(pool)], params, states[k])
-            times[k].append(time.process_time() - begin)
+
+    def step_s(k: int, step: int) -> float:
+        begin = time.process_time()
+        sampler(pool[step % len(pool)], configs[k], states[k])
+        return time.process_time() - begin
+
+    per_step = take_turns(configs, step_s, steps)
     print(f"\nsampler, [{ROWS}, {vocab_size:,}] float32 logits, CPU ms, median of {steps} steps; vocabulary set-up "
           f"{setup_s:.2f} s, schema compile {compile_s * 1e3:.0f} ms (once, then cached)")
     print(f"{'constrained rows':>17} {'ms / step':>10} {'vs none':>8} {'+ms per constrained row':>24}")
-    base = statistics.median(times[0])
-    for k in configs:
-        per_step = statistics.median(times[k])
-        extra = f"{(per_step - base) * 1e3 / k:.3f}" if k else "-"
-        print(f"{k:>17} {per_step * 1e3:>10.3f} {per_step / base:>7.2f}x {extra:>24}")
+    for k, t in per_step.items():
+        extra = f"{(t - per_step[0]) * 1e3 / k:.3f}" if k else "-"
+        print(f"{k:>17} {t * 1e3:>10.3f} {t / per_step[0]:>7.2f}x {extra:>24}")
 
 
 def bench_pipeline(num_requests: int, max_tokens: int, repeat: int) -> None:
     pipe = Pipeline.from_pretrained(keep_freed_memory=True)  # the bundled model
     constrained = StructuredOutputs(json=SCHEMA)
 
-    def params(num_constrained: int) -> list[SamplingParams]:
-        return [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, ignore_eos=True,
-                               structured=constrained if i < num_constrained else None) for i in range(num_requests)]
-
-    def tok_per_s(num_constrained: int) -> float:
+    def tok_per_s(num_constrained: int, _round: int = 0) -> float:
+        params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=i, ignore_eos=True,
+                                 structured=constrained if i < num_constrained else None) for i in range(num_requests)]
         start = time.process_time()
-        outs = pipe.generate([f"request {i}" for i in range(num_requests)], params(num_constrained))
+        outs = pipe.generate([f"request {i}" for i in range(num_requests)], params)
         return sum(len(o.token_ids) for o in outs) / (time.process_time() - start)
 
     tok_per_s(num_requests)  # warm-up; compiles the schema
-    configs = (0, num_requests // 2, num_requests)
-    rates: dict[int, list[float]] = {k: [] for k in configs}
-    for _ in range(repeat):  # rounds: each configuration once per round
-        for k in configs:
-            rates[k].append(tok_per_s(k))
+    rates = take_turns((0, num_requests // 2, num_requests), tok_per_s, repeat)
     print(f"\nPipeline, the bundled model (vocab {pipe.engine.runner.model.vocab_size}), {num_requests} requests x "
           f"{max_tokens} tokens, torch threads {torch.get_num_threads()}, median of {repeat} rounds")
     print(f"{'constrained requests':>21} {'output tok / CPU s':>19} {'vs none':>8}")
-    base = statistics.median(rates[0])
-    for k in configs:
-        rate = statistics.median(rates[k])
-        print(f"{k:>21} {rate:>19.1f} {rate / base:>7.2f}x")
+    for k, rate in rates.items():
+        print(f"{k:>21} {rate:>19.1f} {rate / rates[0]:>7.2f}x")
 
 
 def main() -> None:
