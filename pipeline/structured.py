@@ -115,10 +115,10 @@ def prepare_json_schema(schema, path: str = "#"):
     out = dict(schema)
     types = schema.get("type")
     if lengths and (types == "string" or isinstance(types, list) and "string" in types):
-        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
-        if not (isinstance(low, int) and isinstance(high, (int, str))):
-            raise ValueError(f"structured_outputs.json: minLength / maxLength at {path} must be integers")
-        out["pattern"] = f"^.{{{low},{high}}}$"
+        low, high = out.pop("minLength", 0), out.pop("maxLength", None)
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (low, high or 0)):
+            raise ValueError(f"structured_outputs.json: minLength / maxLength at {path} must be integers >= 0")
+        out["pattern"] = f"^.{{{low},{'' if high is None else high}}}$"
     for key in _ONE_SCHEMA:
         if isinstance(schema.get(key), (dict, bool)):
             out[key] = prepare_json_schema(schema[key], f"{path}/{key}")
@@ -275,7 +275,7 @@ def apply_constraints(logits: torch.Tensor, constraints: list[Constraint | None]
     host, device = masks.buffers(logits.shape[0], logits.device)
     for row in rows:  # row-aligned, as xgrammar's kernels index the bitmask with the logits' row
         constraints[row].fill(host, row)
-    if device is not host:
+    if logits.device.type != "cpu":
         lo, hi = rows[0], rows[-1] + 1
         device[lo:hi].copy_(host[lo:hi], non_blocking=True)  # the step's .tolist() syncs before the next fill
     xgr.apply_token_bitmask_inplace(logits, device, vocab_size=masks.vocab_size, indices=rows)

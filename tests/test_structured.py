@@ -216,6 +216,8 @@ def test_threads_share_one_cache(cache):
     (StructuredOutputs(json=_obj(d={"type": "string", "format": "phone"})), "format 'phone'"),
     (StructuredOutputs(json={"type": "string", "pattern": "a+", "maxLength": 3}), "'pattern' or 'format'"),
     (StructuredOutputs(json={"type": "object", "required": ["a"]}), r"requires \['a'\]"),
+    (StructuredOutputs(json={"type": "string", "maxLength": "3"}), "must be integers >= 0"),
+    (StructuredOutputs(json={"type": "string", "minLength": 4, "maxLength": 2}), "cannot compile the JSON schema"),
     (StructuredOutputs(regex="a(b"), "cannot compile the regex: .*parenthesis"),
     (StructuredOutputs(grammar="root ::= missing"), 'cannot compile the grammar: .*"missing" is not defined'),
     (StructuredOutputs(grammar='start: "a"'), "cannot compile the grammar"),  # Lark is not EBNF
