@@ -65,6 +65,22 @@ def test_logits_match_transformers_one_image(tiny_checkpoint, hf_model, hf_proce
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_logits_match_transformers_without_qk_layernorm(tmp_path, hf_processor):
+    """Persimmon's qk_layernorm=False path: queries and keys are rotated in the projection's output itself."""
+    from transformers import FuyuForCausalLM
+
+    from samples.random_checkpoint import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "no-qk-norm", seed=3, qk_layernorm=False)
+    ids, patches = _hf_inputs(hf_processor, TEXT, _image(1, 50, 30))
+    with torch.no_grad():
+        ref = FuyuForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(
+            input_ids=ids[None], pixel_values=patches).logits[0]
+    runner = _runner(folder)
+    ours = _prefill_logits(runner, ids.tolist(), patches, _table(runner, len(ids)), cuts=(len(ids) - 3,))
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_logits_match_transformers_two_images_with_text_between(tiny_checkpoint, hf_model, hf_processor):
     ids1, patches1 = _hf_inputs(hf_processor, "First picture.", _image(1, 64, 33))
     ids2, patches2 = _hf_inputs(hf_processor, "And the second one: which is larger?", _image(2, 100, 64))

@@ -146,7 +146,7 @@ class Attention(nn.Module):
             q, k, v = qkv.unbind(2)
             qk = torch.stack((self.q_layernorm(q), self.k_layernorm(k)), dim=2)  # [T, H, 2, D]
         else:
-            qk, v = qkv[:, :, :2].clone(), qkv[:, :, 2]
+            qk, v = qkv[:, :, :2], qkv[:, :, 2]  # qkv is this call's own: rotated in place
         q, k = apply_rotary_(qk, cos, sin, self.rotary_dim).unbind(2)  # one rotation for both
         out = self.attn(q, k, v)
         return self.dense(out.reshape(x.shape[0], -1))
