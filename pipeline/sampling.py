@@ -242,7 +242,8 @@ def filter_cutoffs(x: torch.Tensor, top_k: list[int], top_p: list[float], min_p:
             probs = (values - row_max).exp_().masked_fill_(values < cutoff[:, None], 0.0)  # within the top-k
             total = probs.sum(dim=-1)
             if any(p_alone):
-                row_sums = (x - row_max).exp_().sum(dim=-1) if row_sums is None else row_sums
+                if row_sums is None:  # the floor: exp() past float32's normal range is slow, and adds < 1e-32
+                    row_sums = (x - row_max).clamp_(min=LOG_WEIGHT_FLOOR).exp_().sum(dim=-1)
                 total = torch.where(k_mask, total, row_sums)
             probs /= total[:, None]
             p = torch.tensor(top_p, device=device)
