@@ -195,30 +195,43 @@ def test_prefill_and_decode_workers_give_the_aggregated_answer(disagg_client, re
     assert cluster.metric(decode, "fusionserve_prefix_cache_hit_tokens") - hits == got[1] // 16 * 16 > 0
 
 
-def test_killing_a_worker_under_load_leaves_the_other_serving(client, cluster, reference):
-    """The frontend (--migration-limit 3) moves the dead worker's requests to the live one, which goes on
-    after the answer so far: every answer is the unbroken one, and the frontend keeps answering."""
-    results, errors = {}, []
-    questions = [image_question(f"Request {i}:", image_url(i), " what is it?") for i in range(6)]
+def test_killing_a_worker_under_load_leaves_the_other_serving(client, cluster):
+    """The frontend (--migration-limit 3) moves the dead worker's requests to the live one, which goes on after
+    the answer so far (not from scratch): every request ends with all its tokens, and the frontend keeps
+    answering. (The answers after the move are not compared with unbroken ones: the live worker computes the
+    moved tokens' KV in one prefill, the dead one computed them one decode step at a time, and the random test
+    model's near-tied logits may then pick another token.)"""
+    results, errors, progress = {}, [], dict.fromkeys(range(4), 0)
+    questions = [image_question(f"Request {i}:", image_url(i), " what is it?") for i in range(4)]
 
     def ask(i: int):
         try:
-            results[i] = answer(client, NAME, questions[i], max_tokens=160, stream=True)
+            usage, finish = None, None
+            for chunk in client.chat.completions.create(model=NAME, messages=questions[i], max_tokens=300,
+                                                        temperature=0, stream=True,
+                                                        stream_options={"include_usage": True}):
+                usage = chunk.usage or usage
+                for choice in chunk.choices:
+                    progress[i] += bool(choice.delta.content)
+                    finish = choice.finish_reason or finish
+            results[i] = (usage.completion_tokens, finish)
         except Exception as exc:  # collected: the assertion below names it
             errors.append(exc)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    assert wait_for(lambda: sum(metric(cluster, "fusionserve_requests_running")) >= 2)
+    # kill the busier worker once answers are streaming (the moved requests then carry an answer so far)
+    assert wait_for(lambda: min(progress.values()) >= 3)
     running = metric(cluster, "fusionserve_requests_running")
     victim = cluster.workers[running.index(max(running))]
+    survivor = next(w for w in cluster.workers if w is not victim)
     cluster.kill(victim)
     for t in threads:
         t.join(180)
-    assert errors == [] and len(results) == 6
-    for i, question in enumerate(questions):
-        assert results[i][0] == answer(reference, reference_model(reference), question, max_tokens=160)[0]
+    assert errors == [] and len(results) == 4
+    assert all(r == (300, "length") for r in results.values()), results
+    assert "a migrated request, going on after" in survivor.log()
     text, _, _, finish = answer(client, NAME, QUESTIONS[0])
     assert finish == "length"
     assert httpx.get(cluster.url + "/health", timeout=10).status_code == 200

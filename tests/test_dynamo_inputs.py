@@ -105,6 +105,7 @@ def test_the_plain_template_for_the_frontend_renders_our_plain_format(messages):
     assert rendered == ours
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and the server
 def test_fusionserve_serve_imports_no_dynamo():
     import subprocess
     import sys

@@ -15,7 +15,8 @@ A checkpoint without a chat template gets our plain format through the frontend 
 
 A request the frontend migrates off a dead worker (``--migration-limit``) comes back with the answer so far
 appended to ``token_ids``. With the messages, the ids past the formatted prompt's are that answer and follow
-our prompt as they did on the first worker (``continuation``); a text-only request carries no such boundary,
+our prompt as they did on the first worker (``continuation``), and the worker's text deltas go on from
+that answer's decode (stop strings are matched in the new part only); a text-only request carries no such boundary,
 so it is taken as a new prompt (the answer goes on, but not token-identical to an unbroken run).
 
 Sampling comes from Dynamo's ``sampling_options`` / ``stop_conditions`` / ``output_options``; a field this

@@ -37,7 +37,7 @@ from serve.dynamo.kv_events import KvEventTranslator, prompt_block_hashes, routi
 from serve.engine_loop import AsyncEngine, EngineDeadError, NotReadyError, QueueFullError
 from serve.protocol import APIError, ServerConfig
 from serve.threads import apply_thread_budget, available_cpus, thread_budget
-from tokenization import Prompt
+from tokenization import IncrementalDetokenizer, Prompt
 
 logger = logging.getLogger(__name__)
 MODES = {"aggregated": DisaggregationMode.AGGREGATED, "prefill": DisaggregationMode.PREFILL,
@@ -165,7 +165,7 @@ class FusionServeEngine(LLMEngine):
             raise InvalidArgument(f"the worker cannot take this request now: {exc}") from None
         self._running[context.id()] = request_id
         try:
-            async for chunk in self._chunks(stream, context, prompt):
+            async for chunk in self._chunks(stream, context, prompt, built):
                 yield chunk
         finally:
             self._running.pop(context.id(), None)
@@ -179,6 +179,8 @@ class FusionServeEngine(LLMEngine):
             None, lambda: engine.build_prompt(built.prompt, built.images, built.videos, built.audios,
                                               **built.media_options))
         if built.continuation:
+            logger.info("request %s: a migrated request, going on after %d generated tokens", request_id,
+                        len(built.continuation))
             prompt = dataclasses.replace(prompt, token_ids=prompt.token_ids + built.continuation)
         chain = routing_chain(request.get("token_ids") or [], prompt, engine.block_manager.block_size,
                               engine.tokenizer.bos_token_id)
@@ -192,13 +194,20 @@ class FusionServeEngine(LLMEngine):
             raise
         return stream, chain, prompt
 
-    async def _chunks(self, stream, context, prompt):
+    async def _chunks(self, stream, context, prompt, built):
+        detokenizer = None
+        if built.continuation:  # the text goes on from the answer so far, as one unbroken decode would
+            detokenizer = IncrementalDetokenizer(self.front.engine.tokenizer, built.params.skip_special_tokens)
+            detokenizer.add(built.continuation)
         try:
             async for out in stream:
                 if context.is_stopped():
                     self.front.abort(stream.request_id)
                     return
-                chunk = {"token_ids": out.delta_token_ids, "index": 0, "text": out.delta_text}
+                text = out.delta_text
+                if detokenizer is not None:
+                    text = detokenizer.add(out.delta_token_ids) + (detokenizer.flush() if out.finished else "")
+                chunk = {"token_ids": out.delta_token_ids, "index": 0, "text": text}
                 if out.finished:
                     usage = out.usage
                     chunk["finish_reason"] = FINISH_REASONS.get(out.finish_reason, out.finish_reason)
