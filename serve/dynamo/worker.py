@@ -5,7 +5,8 @@ tokenizes, routes (``--router-mode kv`` reads our KV events) and detokenizes; th
 into the prompt ``fusionserve serve`` would build (``serve/dynamo/inputs.py``), runs it on an ``AsyncEngine``
 (the server's engine thread) and streams ``{"token_ids", "text"}`` chunks back (the ``text`` keeps the
 frontend from detokenizing our ids out of their context). Bad input comes back as Dynamo's
-``InvalidArgument`` (a 400 at the frontend), never a dead worker; a request the client drops is aborted,
+``InvalidArgument`` (a 400 at the frontend), a worker that is full or stopping as ``Unknown`` /
+``EngineShutdown``, never a dead worker; a request the client drops is aborted,
 which frees its KV blocks.
 
 Modes (``--mode``): ``aggregated``; ``prefill`` runs the prompt for one token and hands its KV blocks to the
@@ -26,7 +27,7 @@ from dynamo.common.backend.metrics import register_engine_registry
 from dynamo.common.backend.publisher import PushSource
 from dynamo.common.backend.run import run
 from dynamo.common.constants import DisaggregationMode
-from dynamo.llm.exceptions import InvalidArgument
+from dynamo.llm.exceptions import EngineShutdown, InvalidArgument, Unknown
 from prometheus_client import CollectorRegistry, Gauge
 
 from pipeline.engine import Engine
@@ -161,8 +162,10 @@ class FusionServeEngine(LLMEngine):
             stream, chain, prompt = await self._submit(request, built, request_id)
         except (ValueError, APIError) as exc:
             raise InvalidArgument(str(exc)) from None
-        except (QueueFullError, NotReadyError) as exc:
-            raise InvalidArgument(f"the worker cannot take this request now: {exc}") from None
+        except NotReadyError as exc:
+            raise EngineShutdown(f"the worker is not ready: {exc}") from None
+        except QueueFullError as exc:
+            raise Unknown(f"the worker is full ({exc}); retry later") from None
         self._running[context.id()] = request_id
         try:
             async for chunk in self._chunks(stream, context, prompt, built):
@@ -220,7 +223,7 @@ class FusionServeEngine(LLMEngine):
                             prompt_block_hashes(prompt, self.front.engine.block_manager.block_size))
                 yield chunk
         except EngineDeadError as exc:
-            raise InvalidArgument(str(exc)) from None
+            raise Unknown(str(exc)) from None
 
     async def abort(self, context) -> None:
         request_id = self._running.get(context.id())
