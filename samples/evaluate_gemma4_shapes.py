@@ -64,8 +64,10 @@ def request_for(medium: Medium, task: str, template=None) -> dict:
 
 
 def evaluate(pipe, num_per_task: int, seed: int = EVAL_SEED, tasks=TASKS, renderer: str = "heldout",
-             template=None, max_tokens: int = 24, batch_size: int = 32) -> dict[str, TaskResult]:
-    """Greedy answers for ``num_per_task`` new examples of each task, ``batch_size`` requests at a time."""
+             template=None, max_tokens: int = 24, batch_size: int = 32, max_mistakes: int = 5
+             ) -> dict[str, TaskResult]:
+    """Greedy answers for ``num_per_task`` new examples of each task, ``batch_size`` requests at a time; the
+    first ``max_mistakes`` wrong answers of each task are kept."""
     from pipeline import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -77,7 +79,7 @@ def evaluate(pipe, num_per_task: int, seed: int = EVAL_SEED, tasks=TASKS, render
         pairs = [(m.answers[task], out.text.strip()) for m, out in zip(media, outs)]
         results[task] = TaskResult(task, num_correct=sum(want == got for want, got in pairs), num_total=len(pairs),
                                    num_stopped=sum(out.finish_reason == "stop" for out in outs),
-                                   mistakes=[(want, got) for want, got in pairs if want != got][:5])
+                                   mistakes=[(want, got) for want, got in pairs if want != got][:max_mistakes])
     return results
 
 
