@@ -8,7 +8,8 @@ answer is assembled once, on the final output. As vLLM: a stop token (EOS unless
 ``skip_special_tokens=False`` to show). A stop string ends it too and is cut with what follows (kept, with
 ``include_stop_str_in_output``); while running, a possible stop-string prefix at the end of the text is held
 back. Before ``min_tokens`` tokens neither is checked, and text made by those tokens is not searched for stop
-strings. ``skip_special_tokens`` is the detokenizer's.
+strings; but a stop token after which the request's grammar is terminated ends it (the grammar wins).
+``skip_special_tokens`` is the detokenizer's.
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ class OutputProcessor:
             state.top_logprobs.append(top)
         checks_stops = req.num_output_tokens >= params.min_tokens  # the sampler masked stop tokens before
         is_stop_token = token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos)
-        if checks_stops and is_stop_token:
+        constraint = getattr(req.sampler_state, "constraint", None)
+        if is_stop_token and (checks_stops or (constraint is not None and constraint.is_terminated)):
             if params.include_stop_str_in_output:
                 state.detokenizer.add([token])
             return RequestStatus.FINISHED_STOPPED, None

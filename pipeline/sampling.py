@@ -2,7 +2,7 @@
 greedy, temperature, top-k/p, min-p, seeds (vLLM's names and order)."""
 from __future__ import annotations
 
-import itertools
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,10 +142,25 @@ class SamplingParams:
 @dataclass
 class SamplerState:
     """A request's own sampling state, made once by ``Sampler.new_state``: its seeded generator and the
-    constraint of its structured output (``pipeline.structured``), advanced by each sampled token."""
+    constraint of its structured output (``pipeline.structured``), advanced by each sampled token; for the penalties,
+    its prompt's ids as a tensor (read once) and its output's, appended as tokens come."""
 
     generator: torch.Generator | None = None
     constraint: Any = None
+    prompt_ids: torch.Tensor | None = None
+    output_ids: torch.Tensor | None = None
+
+    def history(self, prompt, output, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt ids, output ids) as long tensors on ``device``, built from the lists only where they grew."""
+        if self.prompt_ids is None or len(self.prompt_ids) != len(prompt) or self.prompt_ids.device != device:
+            self.prompt_ids = torch.tensor(prompt, dtype=torch.long, device=device)
+        done = 0 if self.output_ids is None or self.output_ids.device != device else len(self.output_ids)
+        if done > len(output):
+            done = 0
+        if done < len(output) or self.output_ids is None:
+            new = torch.tensor(output[done:], dtype=torch.long, device=device)
+            self.output_ids = torch.cat([self.output_ids, new]) if done else new
+        return self.prompt_ids, self.output_ids
 
 
 @dataclass
@@ -155,10 +170,10 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token id, logprob), best first
 
 
-def flat_token_index(histories: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token of each row's list as a flat index row * vocab_size + token into [B, V] logits (repeats
-    included), and its row: the penalties read and write only these places, no [B, V] buffer."""
-    tokens = torch.tensor(list(itertools.chain.from_iterable(histories)), dtype=torch.long, device=device)
+def flat_token_index(histories: list, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token of each row's ids (a list or a long tensor) as a flat index row * vocab_size + token into [B, V]
+    logits (repeats included), and its row: the penalties read and write only these places, no [B, V] buffer."""
+    tokens = torch.cat([torch.as_tensor(h, dtype=torch.long, device=device) for h in histories])
     rows = torch.repeat_interleave(torch.arange(len(histories), device=device),
                                    torch.tensor([len(h) for h in histories], device=device))
     return rows * vocab_size + tokens, rows
@@ -167,7 +182,7 @@ def flat_token_index(histories: list[list[int]], vocab_size: int, device) -> tup
 def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, token_history: list[list[int]]) -> None:
     """In place, as transformers' RepetitionPenaltyLogitsProcessor: seen tokens' positive logits / p, negative * p.
     A repeated token is written more than once, always with the value computed from its original logit."""
-    if not any(token_history):
+    if not any(len(h) for h in token_history):
         return
     index, rows = flat_token_index(token_history, logits.shape[-1], logits.device)
     flat, p = logits.view(-1), penalties.index_select(0, rows)
@@ -179,7 +194,7 @@ def apply_frequency_presence_penalties(logits: torch.Tensor, frequency: torch.Te
                                        outputs: list[list[int]]) -> None:
     """In place, OpenAI's definition over each row's generated tokens:
     logit -= frequency * count(token in output) + presence * (count > 0)."""
-    if not any(outputs):
+    if not any(len(o) for o in outputs):
         return
     index, rows = flat_token_index(outputs, logits.shape[-1], logits.device)
     flat = logits.view(-1)
@@ -283,21 +298,21 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     pad = -vocab_size % CDF_BLOCK
     blocks = torch.nn.functional.pad(weights, (0, pad)) if pad else weights
     blocks = blocks.view(num_rows, -1, CDF_BLOCK)  # [B, num blocks, block]
-    block_cdf = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [B, num blocks]
+    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [B, num blocks]
     target = u.double()[:, None] * block_cdf[:, -1:]  # [B, 1]
     block = _first_above(block_cdf, target)  # [B]
     before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
     rows = torch.arange(num_rows, device=weights.device)
     in_block = blocks.reshape(-1, CDF_BLOCK).index_select(0, rows * blocks.shape[1] + block)  # [B, block]
     index = _first_above(in_block.double().cumsum(dim=-1), target - before[:, None])
-    return block * CDF_BLOCK + index
+    return (block * CDF_BLOCK + index).clamp_(max=vocab_size - 1)  # not into the padding
 
 
 def _first_above(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """First index with cdf > target per row, never past the row's last positive step (rounding at u ~ 1)."""
     index = torch.searchsorted(cdf, target, right=True)
     last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())  # the first index that reaches the row's total
-    return torch.minimum(index, last).squeeze(1)
+    return torch.minimum(index, last).clamp_(max=cdf.shape[-1] - 1).squeeze(1)  # a NaN row: never past the end
 
 
 def _sample_top_k(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float],
@@ -307,8 +322,10 @@ def _sample_top_k(logits: torch.Tensor, top_k: list[int], top_p: list[float], mi
     row's k-th value ties past the candidates (the vocabulary-wide path keeps all the ties)."""
     values, ids = logits.topk(max(top_k), dim=-1)  # [B, K], best first
     kth = values.gather(1, torch.tensor(top_k, device=logits.device)[:, None] - 1)  # [B, 1]
-    if values.shape[1] < logits.shape[1] and bool((values[:, -1:] == kth).any()):  # a tie reaches the edge
-        if bool(((logits == kth).sum(dim=-1) > (values == kth).sum(dim=-1)).any()):
+    edge = (values[:, -1:] == kth) & (kth > float("-inf"))  # a -inf k-th value (a grammar's row) is no tie
+    if values.shape[1] < logits.shape[1] and bool(edge.any()):  # a tie reaches the edge
+        if bool((((logits == kth).sum(dim=-1, keepdim=True) > (values == kth).sum(dim=-1, keepdim=True))
+                 & edge).any()):
             return None
     x = (values - values[:, :1]).mul_(inv_temperature)  # log weights, as the full path's
     x.masked_fill_(x < filter_cutoffs(x, top_k, top_p, min_p)[:, None], float("-inf"))
@@ -330,6 +347,7 @@ class Sampler:
         self.eos_token_ids: frozenset[int] = frozenset()
         self.vocab_size: int | None = None
         self._grammars = None  # pipeline.structured.GrammarCache, built on the first structured request
+        self._grammars_lock = threading.Lock()  # new_state runs on server threads and the engine's
 
     def bind(self, tokenizer, eos_token_ids: frozenset[int], vocab_size: int) -> None:
         """The engine's text tokenizer, stop tokens and the model's vocabulary (the logits' width)."""
@@ -345,14 +363,16 @@ class Sampler:
                                      f"{self.vocab_size - 1})")
         constraint = None
         if params.structured is not None:
-            if self._grammars is None:
-                from pipeline.structured import GrammarCache  # xgrammar: only for structured requests
+            with self._grammars_lock:
+                if self._grammars is None:
+                    import pipeline.structured as structured  # xgrammar: only for structured requests
 
-                assert self.tokenizer is not None and self.vocab_size, "Sampler.bind first"
-                self._grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_token_ids)
+                    assert self.tokenizer is not None and self.vocab_size, "Sampler.bind first"
+                    self._grammars = structured.GrammarCache(self.tokenizer, self.vocab_size, self.eos_token_ids)
             constraint = self._grammars.constraint(params.structured)
         return SamplerState(generator=params.make_generator(self.device), constraint=constraint)
 
+    @torch.inference_mode()  # the model's logits are inference tensors, worked on in place
     def __call__(
         self,
         logits: torch.Tensor,
@@ -361,22 +381,29 @@ class Sampler:
         histories: list[tuple[list[int], list[int]]] | None = None,
     ) -> SamplerOutput:
         """One token per row. ``histories``: per row (prompt token ids, output token ids), read only; None: no
-        tokens yet. In order, as vLLM: logit bias, min_tokens' stop-token mask, repetition penalty (prompt and
-        output), frequency and presence penalties (output), the structured outputs' masks; then argmax or sampling."""
+        tokens yet. In order, as vLLM: logit bias, repetition penalty (prompt and output), frequency and presence
+        penalties (output), min_tokens' stop-token mask, the structured outputs' masks; then argmax or sampling.
+        Where one applies, float32 ``logits`` are worked on in place (no [B, V] copy); logprobs, of the raw
+        logits, are taken before. A row left with no token by min_tokens and its grammar gets the min_tokens
+        mask back (the grammar wins)."""
         assert logits.dim() == 2 and logits.shape[0] == len(params) == len(states)
-        device, raw = logits.device, logits.float()
-        logits = self.process_logits(raw, params, histories or [((), ())] * len(params))
+        device, logits = logits.device, logits.float()
+        want_logprobs = any(p.logprobs is not None for p in params)
+        logprobs = logits.log_softmax(dim=-1) if want_logprobs else None  # [B, V], raw
+        logits, changed, masked = self._process(logits, params, histories or [((), ())] * len(params), states)
         constraints = [state.constraint for state in states]
         if any(c is not None for c in constraints):
             from pipeline.structured import apply_constraints
 
-            logits = logits.clone() if logits is raw else logits
             apply_constraints(logits, constraints)  # in place, on the constrained rows only
+            changed = True
+        if masked is not None:
+            self._unmask_dead_rows(logits, masked, constraints)
         rows = [row for row, p in enumerate(params) if not p.is_greedy]  # rows that sample
         if not rows:
             token_ids = logits.argmax(dim=-1)
         elif len(rows) == len(params):
-            token_ids = self._sample(logits, params, states, private=logits is not raw)
+            token_ids = self._sample(logits, params, states, private=changed)
         else:
             token_ids = logits.argmax(dim=-1)
             index = torch.tensor(rows, device=device)
@@ -387,39 +414,70 @@ class Sampler:
         for constraint, token_id in zip(constraints, out.token_ids):
             if constraint is not None:
                 constraint.accept(token_id)
-        if any(p.logprobs is not None for p in params):
-            self._add_logprobs(out, raw, token_ids, params)
+        if want_logprobs:
+            self._add_logprobs(out, logprobs, token_ids, params)
         return out
 
-    def process_logits(self, raw: torch.Tensor, params: list[SamplingParams], histories) -> torch.Tensor:
-        """``raw`` with what changes the distribution applied: a copy, or ``raw`` itself when nothing does. Tensors
-        are built only for the rows that ask for each step, and from their histories only."""
-        logits, device = raw, raw.device
+    def process_logits(self, raw: torch.Tensor, params: list[SamplingParams], histories,
+                       states: list[SamplerState] | None = None) -> torch.Tensor:
+        """``raw`` with what changes the distribution applied, in place (``raw`` itself is returned)."""
+        return self._process(raw, params, histories, states)[0]
 
-        def own() -> torch.Tensor:
-            return raw.clone() if logits is raw else logits
-
+    def _process(self, logits: torch.Tensor, params: list[SamplingParams], histories, states
+                 ) -> tuple[torch.Tensor, bool, tuple | None]:
+        """(logits, whether anything changed them, the min_tokens mask's (rows, flat index, values before) or
+        None). Tensors are built only for the rows that ask for each step; histories come from each row's
+        SamplerState (the prompt read once). The stop-token mask comes last: -inf stays -inf under the penalties."""
+        device, vocab_size, changed = logits.device, logits.shape[-1], False
+        states = states if states is not None else [SamplerState() for _ in params]
         if any(p.logit_bias for p in params):
-            logits = own()
+            changed = True
             apply_logit_bias(logits, [p.logit_bias for p in params])
-        early = [p.min_tokens > len(output) for p, (_, output) in zip(params, histories)]
-        if any(early):
-            logits = own()
-            mask_tokens(logits, [sorted(self.eos_token_ids.union(p.stop_token_ids)) if e else []  # EOS even with
-                                 for p, e in zip(params, early)])  # ignore_eos, as vLLM's min_tokens does
         repeat = [p.repetition_penalty != 1.0 for p in params]
-        if any(repeat) and any(len(h[0]) + len(h[1]) for h, r in zip(histories, repeat) if r):
-            logits = own()
-            apply_repetition_penalty(logits, torch.tensor([p.repetition_penalty for p in params], device=device),
-                                     [list(p) + list(o) if r else [] for (p, o), r in zip(histories, repeat)])
         counted = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
-        if any(c and len(h[1]) for h, c in zip(histories, counted)):
-            logits = own()
-            apply_frequency_presence_penalties(
-                logits, torch.tensor([p.frequency_penalty for p in params], device=device),
-                torch.tensor([p.presence_penalty for p in params], device=device),
-                [list(o) if c else [] for (_, o), c in zip(histories, counted)])
-        return logits
+        if any(r and len(h[0]) + len(h[1]) or c and len(h[1]) for h, r, c in zip(histories, repeat, counted)):
+            changed = True
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            seen = [state.history(prompt, output, device) if r or c else (empty, empty)
+                    for state, (prompt, output), r, c in zip(states, histories, repeat, counted)]
+            if any(repeat):
+                apply_repetition_penalty(logits, torch.tensor([p.repetition_penalty for p in params], device=device),
+                                         [torch.cat(h) if r else empty for h, r in zip(seen, repeat)])
+            if any(counted):
+                apply_frequency_presence_penalties(
+                    logits, torch.tensor([p.frequency_penalty for p in params], device=device),
+                    torch.tensor([p.presence_penalty for p in params], device=device),
+                    [o if c else empty for (_, o), c in zip(seen, counted)])
+        early = [p.min_tokens > len(output) for p, (_, output) in zip(params, histories)]
+        masked = None
+        if any(early):
+            changed = True
+            stops = [sorted(self.eos_token_ids.union(p.stop_token_ids)) if e else []  # EOS even with ignore_eos,
+                     for p, e in zip(params, early)]  # as vLLM's min_tokens does
+            index = _flat_index(stops, vocab_size, device)
+            masked = ([row for row, e in enumerate(early) if e], index, logits.view(-1).index_select(0, index))
+            logits.view(-1).index_fill_(0, index, float("-inf"))
+        return logits, changed, masked
+
+    @staticmethod
+    def _unmask_dead_rows(logits: torch.Tensor, masked: tuple, constraints: list) -> None:
+        """Rows min_tokens masked that no token survives (with their grammar's mask): the stop tokens' values come
+        back, then the grammar's mask again (the grammar wins over min_tokens)."""
+        early, index, values = masked
+        early_rows = torch.tensor(early, device=logits.device)
+        alive = (logits.index_select(0, early_rows) > float("-inf")).any(dim=-1)
+        if bool(alive.all()):
+            return
+        dead = early_rows[~alive]
+        keep = torch.isin(torch.div(index, logits.shape[-1], rounding_mode="floor"), dead)
+        logits.view(-1).index_copy_(0, index[keep], values[keep])
+        dead_rows = dead.tolist()
+        if any(constraints[row] is not None for row in dead_rows):
+            from pipeline.structured import apply_constraints
+
+            rows = logits.index_select(0, dead)
+            apply_constraints(rows, [constraints[row] for row in dead_rows])
+            logits.index_copy_(0, dead, rows)
 
     def _sample(self, logits: torch.Tensor, params: list[SamplingParams], states: list[SamplerState],
                 private: bool) -> torch.Tensor:
@@ -431,7 +489,9 @@ class Sampler:
         if seeded:
             own = [torch.rand(1, generator=states[row].generator, device=device, dtype=torch.float64) for row in seeded]
             u.index_copy_(0, torch.tensor(seeded, device=device), torch.cat(own))
-        top_k, top_p, min_p = [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params]
+        vocab_size = logits.shape[-1]
+        top_k = [p.top_k if p.top_k < vocab_size else 0 for p in params]  # k >= V: every token
+        top_p, min_p = [p.top_p for p in params], [p.min_p for p in params]
         inv_temperature = torch.tensor([1.0 / p.temperature for p in params], device=device)[:, None]
         if device.type == "cpu" and all(0 < k <= TOP_P_CANDIDATES for k in top_k):
             token_ids = _sample_top_k(logits, top_k, top_p, min_p, inv_temperature, u)
@@ -450,10 +510,10 @@ class Sampler:
         return inverse_cdf(x.clamp_(min=LOG_WEIGHT_FLOOR).exp_().masked_fill_(drop, 0.0), u)
 
     @staticmethod
-    def _add_logprobs(out: SamplerOutput, raw: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]):
-        logprobs = raw.log_softmax(dim=-1)  # [B, V]
+    def _add_logprobs(out: SamplerOutput, logprobs: torch.Tensor, token_ids: torch.Tensor,
+                      params: list[SamplingParams]):
         out.logprobs = logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
-        max_k = min(max(p.logprobs or 0 for p in params), raw.shape[-1])
+        max_k = min(max(p.logprobs or 0 for p in params), logprobs.shape[-1])
         top_values, top_ids = logprobs.topk(max_k, dim=-1)
         top_values, top_ids = top_values.tolist(), top_ids.tolist()
         out.top_logprobs = [

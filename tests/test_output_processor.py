@@ -110,3 +110,29 @@ def test_min_tokens_holds_the_stop_token_checks(tok):
     final = check(tok, ids, eos, min_tokens=len(a) + 2)  # the first EOS comes before min_tokens
     assert final.token_ids == ids[:len(a) + len(bc) + 2] and final.finish_reason == "stop"
     assert final.text == tok.decode(a + bc) == "a bc"
+
+
+class _Terminated:
+    is_terminated = True
+
+
+def test_a_stop_token_after_a_finished_grammar_ends_the_request_before_min_tokens(tok):
+    """min_tokens holds stop tokens back, but once the row's grammar is terminated (it accepted a stop token) the
+    stop token ends the request: no EOS padding up to min_tokens."""
+    from pipeline.sampling import SamplerState
+
+    eos = frozenset({tok.eos_token_id})
+    processor = OutputProcessor(tok, eos, max_model_len=4096)
+    req = Request("r", [tok.bos_token_id], SamplingParams(max_tokens=8, min_tokens=6))
+    req.sampler_state = SamplerState(constraint=None)
+    processor.add(req)
+    for token in tok.encode("yes"):
+        req.append_token(token)
+        assert processor.update(req)[0] is None
+    req.sampler_state.constraint = _Terminated()
+    req.append_token(tok.eos_token_id)
+    status, _ = processor.update(req)
+    assert status == RequestStatus.FINISHED_STOPPED
+    req.status = status
+    final = processor.finish(req)
+    assert final.text == "yes" and final.token_ids == tok.encode("yes") + [tok.eos_token_id]

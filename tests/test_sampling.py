@@ -175,7 +175,7 @@ def test_repetition_penalty_matches_transformers():
         for i, (h, p) in enumerate(zip(history, penalties))
     ])
     params = [SamplingParams(temperature=0.0, repetition_penalty=p) for p in penalties]
-    assert sample(logits, params, history=history).token_ids == expected.argmax(-1).tolist()
+    assert sample(logits.clone(), params, history=history).token_ids == expected.argmax(-1).tolist()
 
     ours = logits.clone()
     apply_repetition_penalty(ours, torch.tensor(penalties), history)
@@ -210,7 +210,7 @@ def test_logprobs_are_raw_log_softmax_with_top_alternatives():
     logits = torch.randn(3, 25, generator=torch.Generator().manual_seed(4))
     params = [SamplingParams(temperature=0.0, logprobs=3), SamplingParams(temperature=0.0, logprobs=0),
               SamplingParams(temperature=2.0, repetition_penalty=1.5)]
-    out = sample(logits, params, history=[[0], [1], [2]])
+    out = sample(logits.clone(), params, history=[[0], [1], [2]])
     ref = logits.log_softmax(-1)
     for row, tok in enumerate(out.token_ids):
         assert out.logprobs[row] == pytest.approx(ref[row, tok].item(), abs=1e-6)
@@ -333,7 +333,7 @@ def test_greedy_tokens_follow_the_processed_logits_and_logprobs_stay_raw():
               SamplingParams(temperature=0.0, logit_bias={9: 10.0}),  # 9
               SamplingParams(temperature=0.0, frequency_penalty=2.0, min_tokens=1)]  # min_tokens met: EOS
     histories = [([1], []), ([1], [2]), ([1], [4, 4])]
-    out = bound_sampler(vocab)(logits, params, [SamplerState() for _ in params], histories)
+    out = bound_sampler(vocab)(logits.clone(), params, [SamplerState() for _ in params], histories)
     assert out.token_ids == [4, 9, 2]
     assert out.logprobs[0] == pytest.approx(logits[0].log_softmax(-1)[4].item())
 
@@ -396,3 +396,111 @@ def test_small_top_k_from_candidates_draws_as_the_vocabulary_wide_path(monkeypat
     monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 0)
     assert draws() == candidates
     assert len({tuple(step) for step in candidates}) > 1
+
+
+class CountingList(list):
+    """A list that counts how often it is iterated (Python-level reads of a whole history)."""
+
+    num_iterations = 0
+
+    def __iter__(self):
+        CountingList.num_iterations += 1
+        return super().__iter__()
+
+
+def test_a_row_whose_every_token_min_tokens_masks_gets_the_mask_back():
+    """stop_token_ids covering the vocabulary with min_tokens leave no token: the mask is given back, so the
+    row draws from its logits (an id inside the vocabulary) and greedy takes the raw argmax."""
+    vocab = 1000
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(21))
+    params = [SamplingParams(temperature=1.0, min_tokens=1, stop_token_ids=list(range(vocab)), seed=row)
+              for row in range(2)] + [SamplingParams(temperature=0.0, min_tokens=1, stop_token_ids=list(range(vocab)))]
+    sampler = bound_sampler(vocab)
+    for _ in range(20):
+        states = [SamplerState(p.make_generator()) for p in params]
+        out = sampler(logits.clone(), params, states, [([1], [])] * 3)
+        assert all(0 <= t < vocab for t in out.token_ids)
+        assert out.token_ids[2] == int(logits[2].argmax())
+
+
+@pytest.mark.parametrize("vocab", [100, 8 * CDF_BLOCK + 3])
+def test_inverse_cdf_never_returns_an_id_past_the_vocabulary(vocab):
+    weights = torch.rand(3, vocab, generator=torch.Generator().manual_seed(22))
+    weights[0] = float("nan")
+    weights[1] = 0.0
+    u = torch.tensor([0.5, 0.999999, 0.999999], dtype=torch.float64)
+    index = inverse_cdf(weights, u)
+    assert all(0 <= i < vocab for i in index.tolist())
+
+
+@pytest.mark.parametrize("top_k", [576, 577, 1000])
+def test_a_top_k_at_or_past_the_vocabulary_is_off(top_k):
+    vocab = 576
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(23))
+
+    def draws(k: int) -> list[int]:
+        params = [SamplingParams(temperature=1.0, top_k=k, seed=row) for row in range(4)]
+        states = [SamplerState(p.make_generator()) for p in params]
+        return [t for _ in range(5) for t in Sampler()(logits, params, states).token_ids]
+
+    assert draws(top_k) == draws(0)
+
+
+def test_a_minus_inf_kth_value_is_not_a_tie():
+    """A row (a grammar's) with fewer allowed tokens than k: its -inf k-th value is no tie at the candidates'
+    edge, so the candidates path draws, the same token as the vocabulary-wide path."""
+    import pipeline.sampling as sampling
+
+    vocab = 300
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(24))
+    logits[0, 3:] = NEG_INF  # 3 tokens allowed, k = 5
+    top_k, top_p, min_p = [5, 5], [1.0, 1.0], [0.0, 0.0]
+    inv_t = torch.ones(2, 1)
+    for u in (0.1, 0.5, 0.9):
+        uniforms = torch.full((2,), u, dtype=torch.float64)
+        drawn = sampling._sample_top_k(logits, top_k, top_p, min_p, inv_t, uniforms)
+        assert drawn is not None
+        x = apply_top_k_top_p_min_p(logits - logits.amax(-1, keepdim=True), top_k, top_p, min_p)
+        assert drawn.tolist() == inverse_cdf(x.exp(), uniforms).tolist()
+        assert drawn[0] < 3
+
+
+def test_processors_work_on_the_logits_in_place_and_logprobs_stay_raw():
+    """One row's logit bias does not copy the batch: the sampler works on the logits it is given; a row that
+    asks for logprobs gets those of the raw logits all the same."""
+    vocab = 50
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(25))
+    raw = logits.clone()
+    params = [SamplingParams(temperature=0.0, logit_bias={7: 100.0}), SamplingParams(temperature=0.0, logprobs=2),
+              SamplingParams(temperature=0.0, logit_bias={9: 100.0}, logprobs=0)]
+    out = bound_sampler(vocab)(logits, params, [SamplerState() for _ in params], [([1], [])] * 3)
+    assert out.token_ids == [7, int(raw[1].argmax()), 9]
+    assert logits[0, 7] == raw[0, 7] + 100.0  # worked in place
+    ref = raw.log_softmax(-1)
+    assert out.logprobs[1] == pytest.approx(ref[1, out.token_ids[1]].item(), abs=1e-6)
+    assert out.logprobs[2] == pytest.approx(ref[2, 9].item(), abs=1e-6)
+    values, ids = ref[1].topk(2)
+    assert [t for t, _ in out.top_logprobs[1]] == ids.tolist()
+    assert [v for _, v in out.top_logprobs[1]] == pytest.approx(values.tolist(), abs=1e-6)
+
+
+def test_penalty_histories_read_the_prompt_once_per_request():
+    """Repetition and frequency penalties over many steps match the plain reference, and each request's prompt
+    is read in Python once (kept in its SamplerState), not rebuilt into a list every step."""
+    vocab = 40
+    plain = [[1, 4, 4, 30], [7, 7]]
+    prompts = [CountingList(p) for p in plain]
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.4, frequency_penalty=0.3, presence_penalty=0.2),
+              SamplingParams(temperature=0.0, repetition_penalty=0.7)]
+    states = [SamplerState() for _ in params]
+    sampler = bound_sampler(vocab)
+    outputs = [[], []]
+    gen = torch.Generator().manual_seed(26)
+    CountingList.num_iterations = 0
+    for _ in range(8):
+        logits = 3.0 * torch.randn(2, vocab, generator=gen)
+        expected = [ref_processed(logits[row].tolist(), params[row], plain[row], outputs[row], {2}) for row in range(2)]
+        out = sampler(logits, params, states, list(zip(prompts, outputs)))
+        assert out.token_ids == [max(range(vocab), key=row.__getitem__) for row in expected]
+        outputs = [o + [t] for o, t in zip(outputs, out.token_ids)]
+    assert CountingList.num_iterations <= 2

@@ -184,22 +184,32 @@ def test_the_cache_evicts_the_least_recently_used_grammar(tokenizer):
     assert cache.num_compiled == 4
 
 
-def test_threads_share_one_cache(cache):
-    specs = [StructuredOutputs(json=_obj(x=_int(0, i))) for i in range(1, 5)]
+def _in_threads(work, num_threads: int) -> list[Exception]:
+    """Runs ``work`` in ``num_threads`` threads at once; the exceptions they raised."""
     errors = []
 
-    def work():
+    def guarded():
         try:
-            for spec in specs * 3:
-                cache.constraint(spec)
-        except Exception as e:  # noqa: BLE001 (reported below)
+            work()
+        except Exception as e:  # noqa: BLE001 (returned)
             errors.append(e)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
+    threads = [threading.Thread(target=guarded) for _ in range(num_threads)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return errors
+
+
+def test_threads_share_one_cache(cache):
+    specs = [StructuredOutputs(json=_obj(x=_int(0, i))) for i in range(1, 5)]
+
+    def work():
+        for spec in specs * 3:
+            cache.constraint(spec)
+
+    errors = _in_threads(work, 4)
     assert not errors and len(cache) == 4
     assert len({id(cache.compiled(spec)) for spec in specs}) == 4
 
@@ -313,6 +323,7 @@ def test_a_complete_grammar_beats_min_tokens_and_ignore_eos_keeps_to_stop_tokens
                                                    SamplingParams(structured=spec, ignore_eos=True, max_tokens=8)])
     eos = pipe.tokenizer.eos_token_id
     assert (early.text, early.finish_reason) == ("yes", "stop")
+    assert early.token_ids.count(eos) == 1 and early.token_ids[-1] == eos  # no EOS padding up to min_tokens
     assert (ignoring.text, ignoring.finish_reason, len(ignoring.token_ids)) == ("yes", "length", 8)
     assert set(ignoring.token_ids[-4:]) == {eos}
 
@@ -321,3 +332,41 @@ def test_each_of_n_sequences_has_its_own_grammar_state(pipe):
     outs = pipe.generate(["pick"], SamplingParams(structured=StructuredOutputs(choice=["yes", "no", "maybe not"]),
                                                   n=4, max_tokens=12, seed=3))[0]
     assert len(outs) == 4 and all(o.text in ("yes", "no", "maybe not") and o.finish_reason == "stop" for o in outs)
+
+
+def test_a_grammar_whose_only_next_tokens_min_tokens_bans_gives_the_mask_back(pipe):
+    """The grammar allows only stop_token_ids first, and min_tokens bans them: the grammar wins (the request
+    goes on, no failed step for the batch)."""
+    allowed = [100, 260]  # the tiny tokenizer's two ways to write "a"
+    spec = StructuredOutputs(regex="a")
+    outs = pipe.generate(["hi", "hi"], [
+        SamplingParams(max_tokens=5, min_tokens=1, temperature=temperature, stop_token_ids=allowed, structured=spec)
+        for temperature in (0.0, 1.0)])
+    for out in outs:
+        assert out.token_ids[0] in allowed and out.finish_reason == "stop" and len(out.token_ids) == 1
+
+
+def test_threads_share_one_grammar_cache_per_sampler(monkeypatch, tokenizer):
+    """Server threads validating structured requests at once build the sampler's GrammarCache once."""
+    import pipeline.structured as structured
+    from pipeline.sampling import Sampler
+
+    built = []
+
+    class SlowCache(structured.GrammarCache):
+        def __init__(self, *args, **kwargs):
+            built.append(self)
+            threading.Event().wait(0.05)  # widen the window a racing thread would slip through
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(structured, "GrammarCache", SlowCache)
+    sampler = Sampler()
+    sampler.bind(tokenizer, frozenset({tokenizer.eos_token_id}), MODEL_VOCAB)
+    barrier = threading.Barrier(6)
+
+    def work():
+        barrier.wait()
+        sampler.new_state(SamplingParams(structured=StructuredOutputs(choice=["yes", "no"])))
+
+    errors = _in_threads(work, 6)
+    assert not errors and len(built) == 1
