@@ -1,5 +1,6 @@
-"""SamplingParams and the batched sampler: logit bias, min_tokens, repetition / frequency / presence penalties,
-greedy, temperature, top-k/p, min-p, seeds (vLLM's names and order)."""
+"""SamplingParams and the batched sampler: logit bias, min_tokens, repetition / frequency / presence penalties
+(``pipeline.logits_processors``), structured outputs' masks, then greedy, temperature, top-k/p, min-p, seeds
+(vLLM's names and order)."""
 from __future__ import annotations
 
 import threading
@@ -7,6 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from pipeline.logits_processors import (apply_frequency_presence_penalties, apply_logit_bias,  # noqa: F401
+                                        apply_repetition_penalty, flat_index, flat_token_index, mask_tokens)
 
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -168,56 +172,6 @@ class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float] | None = None  # sampled token's logprob, per row
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per row: (token id, logprob), best first
-
-
-def flat_token_index(histories: list, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token of each row's ids (a list or a long tensor) as a flat index row * vocab_size + token into [B, V]
-    logits (repeats included), and its row: the penalties read and write only these places, no [B, V] buffer."""
-    tokens = torch.cat([torch.as_tensor(h, dtype=torch.long, device=device) for h in histories])
-    rows = torch.repeat_interleave(torch.arange(len(histories), device=device),
-                                   torch.tensor([len(h) for h in histories], device=device))
-    return rows * vocab_size + tokens, rows
-
-
-def apply_repetition_penalty(logits: torch.Tensor, penalties: torch.Tensor, token_history: list[list[int]]) -> None:
-    """In place, as transformers' RepetitionPenaltyLogitsProcessor: seen tokens' positive logits / p, negative * p.
-    A repeated token is written more than once, always with the value computed from its original logit."""
-    if not any(len(h) for h in token_history):
-        return
-    index, rows = flat_token_index(token_history, logits.shape[-1], logits.device)
-    flat, p = logits.view(-1), penalties.index_select(0, rows)
-    seen = flat.index_select(0, index)
-    flat.index_copy_(0, index, torch.where(seen < 0, seen * p, seen / p))
-
-
-def apply_frequency_presence_penalties(logits: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor,
-                                       outputs: list[list[int]]) -> None:
-    """In place, OpenAI's definition over each row's generated tokens:
-    logit -= frequency * count(token in output) + presence * (count > 0)."""
-    if not any(len(o) for o in outputs):
-        return
-    index, rows = flat_token_index(outputs, logits.shape[-1], logits.device)
-    flat = logits.view(-1)
-    flat.index_copy_(0, index, flat.index_select(0, index) - presence.index_select(0, rows))  # once per token
-    flat.index_add_(0, index, frequency.index_select(0, rows), alpha=-1)  # once per occurrence
-
-
-def _flat_index(per_row: list, vocab_size: int, device) -> torch.Tensor:
-    """Flat indices row * vocab_size + token of each row's listed token ids (a list, a dict's keys)."""
-    return torch.tensor([row * vocab_size + token for row, ids in enumerate(per_row) for token in ids],
-                        dtype=torch.long, device=device)
-
-
-def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> None:
-    """In place: each row's {token id: bias} added to those logits."""
-    values = torch.tensor([value for bias in biases for value in bias.values()], dtype=logits.dtype,
-                          device=logits.device)
-    logits.view(-1).index_add_(0, _flat_index(biases, logits.shape[-1], logits.device), values)
-
-
-def mask_tokens(logits: torch.Tensor, token_ids: list[list[int]]) -> None:
-    """In place: each row's listed tokens get -inf."""
-    logits.view(-1).index_fill_(0, _flat_index(token_ids, logits.shape[-1], logits.device), float("-inf"))
 
 
 def _host_list(x) -> list:
@@ -454,7 +408,7 @@ class Sampler:
             changed = True
             stops = [sorted(self.eos_token_ids.union(p.stop_token_ids)) if e else []  # EOS even with ignore_eos,
                      for p, e in zip(params, early)]  # as vLLM's min_tokens does
-            index = _flat_index(stops, vocab_size, device)
+            index = flat_index(stops, vocab_size, device)
             masked = ([row for row, e in enumerate(early) if e], index, logits.view(-1).index_select(0, index))
             logits.view(-1).index_fill_(0, index, float("-inf"))
         return logits, changed, masked
