@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 
 ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
@@ -161,17 +160,7 @@ def _bench(args) -> int:
     return 0 if result.num_errors == 0 else 1
 
 
-def _passive_omp_threads() -> None:
-    """Idle OpenMP threads sleep instead of spinning (read once, when torch loads; set OMP_WAIT_POLICY to
-    override). A server shares its cores with media decoding, the HTTP loop and other jobs: with spinning
-    waiters a parallel op's barrier waits a whole scheduler slice for a thread that lost its core (two
-    threads ran a decode step at 0.12-0.25x one thread's speed under load; passive: 0.97x)."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def main(argv: list[str] | None = None) -> int:
-    _passive_omp_threads()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["dynamo-worker"]:  # NVIDIA Dynamo backend worker: its own options, imported only here
         from serve.dynamo.worker import main as dynamo_worker
