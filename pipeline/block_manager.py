@@ -110,13 +110,7 @@ class BlockManager:
         """Longest cached run of full blocks; leaves at least one token to compute (the model must give logits)."""
         if not self.enable_prefix_caching:
             return [], 0
-        hashes = self._chain_hashes(req, (req.num_tokens - 1) // self.block_size)
-        block_ids = []
-        for h in hashes:
-            block_id = self._block_of_hash.get(h)
-            if block_id is None:
-                break
-            block_ids.append(block_id)
+        block_ids = self.cached_block_ids(self._chain_hashes(req, (req.num_tokens - 1) // self.block_size))
         return block_ids, len(block_ids) * self.block_size
 
     def _target_len(self, req: Request, num_new_tokens: int, cached_blocks) -> int:

@@ -50,6 +50,15 @@ def running_server(app, ready_timeout_s: float = 120.0, wait_ready: bool = True)
         sock.close()
 
 
+@contextmanager
+def openai_client(base_url: str, timeout_s: float = 60.0, api_key: str = "unused"):
+    """The official client on a running server's ``/v1``, closed afterwards (no retries: a test sees every error)."""
+    import openai
+
+    with openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, timeout=timeout_s, max_retries=0) as client:
+        yield client
+
+
 def png_bytes(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     buf = io.BytesIO()

@@ -19,7 +19,7 @@ from serve.openai_serving import VERSION
 from serve.openai_fields import CHAT, COMPLETIONS, FIELDS, REFUSED, markdown_table
 from serve.protocol import ServerConfig
 from gemma4_fixtures import gemma4_folder  # noqa: F401 (fixture)
-from server_fixtures import png_bytes, running_server
+from server_fixtures import openai_client, png_bytes, running_server
 
 MODEL = "tiny-fuyu"
 HI = [{"role": "user", "content": "Hi there"}]
@@ -36,7 +36,7 @@ def server(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def api(server):
-    with openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=60, max_retries=0) as client:
+    with openai_client(server, timeout_s=60) as client:
         yield client
 
 
@@ -183,8 +183,7 @@ def test_stream_usage_on_every_chunk_null_until_the_last(api):
 def test_default_max_tokens_is_the_rest_of_the_context(tiny_checkpoint):
     app = create_app(EngineConfig(model=str(tiny_checkpoint), num_blocks=64, block_size=8, max_model_len=40),
                      ServerConfig(model_name=MODEL))
-    with running_server(app) as url, openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60,
-                                                    max_retries=0) as api:
+    with running_server(app) as url, openai_client(url) as api:
         out = api.chat.completions.create(model=MODEL, messages=HI, **GREEDY)
         assert out.choices[0].finish_reason == "length"
         assert out.usage.prompt_tokens + out.usage.completion_tokens == 40

@@ -9,7 +9,6 @@ import shutil
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from transformers import PreTrainedTokenizerFast
 
@@ -17,7 +16,7 @@ from pipeline.config import EngineConfig
 from serve.app import create_app
 from serve.chat import ChatTemplate, parse_chat
 from serve.protocol import ServerConfig
-from server_fixtures import running_server
+from server_fixtures import openai_client, running_server
 
 TEMPLATE = (
     "{% if tools %}<|tools|>{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
@@ -62,7 +61,7 @@ def server(folder):
 
 @pytest.fixture(scope="module")
 def api(server):
-    with openai.OpenAI(base_url=server + "/v1", api_key="unused", timeout=120, max_retries=0) as client:
+    with openai_client(server, timeout_s=120) as client:
         yield client
 
 
