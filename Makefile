@@ -17,7 +17,11 @@ DYNAMO_ARGS ?=
 
 .PHONY: test test-fast serve setup browser clean bench-vllm dynamo dynamo-up
 
+# the CPU paged attention op (pipeline/attention/csrc/) is built ahead, so a first request does not pay its
+# compile (about 20 s); again here after a change to its source (a no-op when it is built); without a compiler
+# it says so and the torch attention path serves
 setup: $(STAMP)
+	$(BIN)/python -m pipeline.attention.cpu_kernel
 
 # torch first and pinned: this machine serves exactly these builds from local disk
 $(STAMP): pyproject.toml Makefile
@@ -25,6 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e '.[dev,demo]'
+	$(BIN)/python -m pipeline.attention.cpu_kernel
 	touch $(STAMP)
 
 test: $(STAMP) $(DYNAMO_STAMP) browser

@@ -1,7 +1,8 @@
 """Attention backends behind one interface; chosen by device, what is installed and what the model needs.
 
-``torch`` (reference, any device), ``flash`` (flash-attn, CUDA), ``triton`` (CUDA; CPU under
-TRITON_INTERPRET=1). Imported lazily, so a backend's package is only needed when it is chosen.
+``torch`` (reference, any device), ``cpu`` (a C++ paged kernel reading the pool in place; CPU, when the op
+builds), ``flash`` (flash-attn, CUDA), ``triton`` (CUDA; CPU under TRITON_INTERPRET=1). Imported lazily, so a
+backend's package is only needed when it is chosen.
 """
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = {
     "torch": ("pipeline.attention.torch_ref", "TorchBackend"),
+    "cpu": ("pipeline.attention.cpu", "CpuBackend"),
     "flash": ("pipeline.attention.flash", "FlashBackend"),
     "triton": ("pipeline.attention.triton_backend", "TritonBackend"),
 }
 # widest head dim each backend serves (None: any); flash-attn 2/3 kernels stop at 256
-MAX_HEAD_DIMS: dict[str, int | None] = {"torch": None, "flash": 256, "triton": 512}
+MAX_HEAD_DIMS: dict[str, int | None] = {"torch": None, "cpu": None, "flash": 256, "triton": 512}
 # backends without sliding windows / bidirectional media runs
 NO_WINDOWS_OR_RUNS = ("flash",)
 
@@ -43,10 +45,10 @@ def _unsupported(name: str, head_dims: tuple[int, ...], windows_or_runs: bool) -
 
 def resolve_backend_name(name: str | None, device: torch.device | str, head_dims: Iterable[int] = (),
                          windows_or_runs: bool = False) -> str:
-    """'auto' (or None): flash-attn on CUDA when installed, else triton on CUDA, else torch; a backend that
-    cannot serve the model (``head_dims``: every layer's head dim; ``windows_or_runs``: it has sliding-window
-    layers or bidirectional media runs) is passed over, with the reason logged. Asked by name, it is a
-    ValueError."""
+    """'auto' (or None): flash-attn on CUDA when installed, else triton on CUDA; on CPU the cpu backend when its
+    C++ op builds (else torch, one warning saying why); elsewhere torch. A backend that cannot serve the model
+    (``head_dims``: every layer's head dim; ``windows_or_runs``: it has sliding-window layers or bidirectional
+    media runs) is passed over, with the reason logged. Asked by name, it is a ValueError."""
     head_dims = tuple(head_dims)
     if name not in (None, "auto"):
         if name not in BACKENDS:
@@ -55,7 +57,13 @@ def resolve_backend_name(name: str | None, device: torch.device | str, head_dims
         if reason is not None:
             raise ValueError(f"attention backend {name!r} cannot serve this model: {reason}; "
                              f"use attention_backend 'auto' or another of {sorted(BACKENDS)}")
+        if name == "cpu" and torch.device(device).type != "cpu":
+            raise ValueError(f"attention backend 'cpu' runs on CPU only, not {device}; use 'auto'")
         return name
+    if torch.device(device).type == "cpu":
+        from pipeline.attention.cpu_kernel import available
+
+        return "cpu" if available() else "torch"
     if torch.device(device).type == "cuda":
         for candidate, package in (("flash", "flash_attn"), ("triton", "triton")):
             if importlib.util.find_spec(package) is None:

@@ -1,0 +1,127 @@
+"""The C++ paged attention op (``csrc/paged_attention_cpu.cpp``) as ``torch.ops.fusionserve.paged_attention``.
+
+Built on first use by ``torch.utils.cpp_extension.load`` (ninja + the C++ compiler; ``-O3``, AVX2/FMA when
+torch reports this CPU has them, OpenMP through ``at::parallel_for``) into a folder of torch's extension root
+(``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``) named by a hash of the source, the flags, torch's
+and Python's versions; a later process that finds the library there loads it with ``torch.ops.load_library``
+(no compiler, no ninja). ``make setup`` builds it ahead (``python -m pipeline.attention.cpu_kernel``). A failed
+build (no compiler, no ninja) is one logged warning and ``load_op()`` returns None: the caller uses the torch
+path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
+_lock = threading.Lock()
+
+
+def _isa() -> str:
+    capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT" | "AVX2" | "AVX512" | ...
+    return "avx2" if capability.startswith(("AVX2", "AVX512")) else "generic"
+
+
+def _flags(isa: str) -> list[str]:
+    return ["-O3", "-fopenmp", "-DNDEBUG"] + (["-mavx2", "-mfma"] if isa == "avx2" else [])
+
+
+def build_directory() -> tuple[str, Path]:
+    """(library name, folder) of the build for this source, CPU, torch and Python."""
+    isa = _isa()
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(" ".join([*_flags(isa), torch.__version__, sys.version]).encode())
+    name = f"fusionserve_paged_attention_{isa}_{key.hexdigest()[:12]}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser(
+        ) / "torch_extensions"
+    return name, Path(root) / name
+
+
+def _ninja_dir() -> str | None:
+    """Where a ninja binary is when none is on PATH (the ``ninja`` package's, or beside this Python)."""
+    if shutil.which("ninja"):
+        return None
+    try:
+        import ninja
+
+        return ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        here = Path(sys.executable).parent
+        return str(here) if (here / "ninja").exists() else None
+
+
+def _build() -> Path:
+    """The built library's path, building it first when it is not there (in a private folder, then moved into
+    place: a process starting beside a build never loads a half-written file)."""
+    name, folder = build_directory()
+    library = folder / f"{name}.so"
+    if library.exists():
+        return library
+    work = folder / f"build-{os.getpid()}-{threading.get_ident()}"
+    work.mkdir(parents=True, exist_ok=True)
+    quiet = logging.getLogger("torch.utils.cpp_extension")  # its import notes "No CUDA runtime is found"
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    ninja_dir = _ninja_dir()
+    path = os.environ.get("PATH", "")
+    if ninja_dir:
+        os.environ["PATH"] = ninja_dir + os.pathsep + path
+    try:
+        from torch.utils import cpp_extension
+
+        isa = _isa()
+        with warnings.catch_warnings(record=True) as caught:  # torch's compiler notes: logged, not raised
+            warnings.simplefilter("always")
+            logger.info("building the CPU paged attention op in %s", folder)
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_flags(isa), extra_ldflags=["-fopenmp"],
+                               build_directory=str(work), is_python_module=False)  # loads it too
+        for w in caught:
+            logger.info("building the CPU paged attention op: %s", w.message)
+        os.replace(work / library.name, library)
+    finally:
+        quiet.setLevel(level)
+        if ninja_dir:
+            os.environ["PATH"] = path
+        shutil.rmtree(work, ignore_errors=True)
+    return library
+
+
+_loaded: dict[str, object] = {}  # "op": the op, or None once it failed
+
+
+def load_op():
+    """``torch.ops.fusionserve.paged_attention``, built and loaded once per process; None when it cannot be
+    (tried once: the warning says why)."""
+    with _lock:
+        if "op" not in _loaded:
+            try:
+                library = _build()
+                if not hasattr(torch.ops.fusionserve, "paged_attention"):
+                    torch.ops.load_library(str(library))
+                _loaded["op"] = torch.ops.fusionserve.paged_attention
+            except Exception as exc:  # no compiler or ninja, a build error: the torch path serves instead
+                _loaded["op"] = None
+                text = " ".join(str(exc).split())  # a build error: its head and the compiler's last words
+                reason = text if len(text) <= 400 else f"{text[:90]} ... {text[-300:]}"
+                logger.warning("CPU paged attention op unavailable, using the torch attention path: %s", reason)
+        return _loaded["op"]
+
+
+def available() -> bool:
+    return load_op() is not None
+
+
+if __name__ == "__main__":  # make setup: build ahead so a first request does not pay the compile
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print("fusionserve: CPU paged attention op", "built in " + str(build_directory()[1]) if available()
+          else "not built: the torch attention path serves on CPU")
