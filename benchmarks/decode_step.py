@@ -1,8 +1,15 @@
-"""Decode-step time at batch 1 and 32: our paged engine step vs transformers' FuyuForCausalLM forward with
-its own KV cache (DynamicCache), same model, same context length. The two are timed in alternation, step by
-step, in the same process, so machine noise hits both alike; medians are printed.
+"""Decode-step time at batch 1 and 32: our paged engine step, once per attention backend (``cpu``: the C++ paged
+kernel; ``torch``: the reference's gathered SDPA), vs transformers' FuyuForCausalLM forward with its own KV
+cache (DynamicCache), same model, same context length. All are timed in alternation, step by step, in the same
+process, so machine noise hits them alike; medians are printed, with each backend's speed-up over transformers
+and the first backend's over the others.
 
-    .venv/bin/python -m benchmarks.decode_step [--context 256] [--steps 30] [--threads N] [--busy N]
+    .venv/bin/python -m benchmarks.decode_step [--context 256[,1024]] [--batches 1,32] [--backends cpu,torch]
+                                               [--steps 30] [--threads N] [--busy N] [--workload 64 [--rounds 3]]
+
+``--workload N`` then runs ``benchmarks.throughput``'s workload (N requests, one image each, greedy, EOS ignored)
+through ``Pipeline.generate`` once per backend, alternating for ``--rounds`` rounds: output tokens/s (medians)
+and the ratio, and whether every backend generated the same tokens.
 
 ``--busy N`` runs N competing processes that spin on a core each while both are timed: what a server's
 media decoding or HTTP loop (or a neighbour) does to the engine's torch threads.
@@ -24,10 +31,10 @@ from pipeline.model_runner import ModelRunner, SeqChunk
 
 
 class Ours:
-    def __init__(self, folder, batch: int, context: int, steps: int):
+    def __init__(self, folder, batch: int, context: int, steps: int, attention_backend: str = "auto"):
         self.runner = ModelRunner(EngineConfig(model=str(folder), block_size=16, max_num_seqs=batch,
                                                num_blocks=batch * (-(-(context + steps + 8) // 16)),
-                                               keep_freed_memory=True))
+                                               keep_freed_memory=True, attention_backend=attention_backend))
         g = torch.Generator().manual_seed(0)
         per_seq = self.runner.num_blocks // batch
         self.tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
@@ -82,29 +89,81 @@ def busy_processes(n: int):
             proc.wait()
 
 
+def workload(folder, backends: list[str], num_requests: int, rounds: int) -> None:
+    """benchmarks.throughput's run 1 (prompts built before the clock starts, as there) once per backend per round."""
+    from benchmarks.throughput import make_requests
+    from pipeline import Pipeline, SamplingParams
+
+    requests = make_requests(num_requests)
+    rates: dict[str, list[float]] = {b: [] for b in backends}
+    tokens: dict[str, dict[str, list[int]]] = {}
+    for _ in range(rounds):
+        for backend in backends:
+            engine = Pipeline.from_pretrained(str(folder), max_num_seqs=64, max_num_batched_tokens=2048,
+                                              keep_freed_memory=True, attention_backend=backend).engine
+            prompts = [engine.build_prompt(text, [image]) for text, image, _ in requests]
+            out: dict[str, list[int]] = {f"t{i}": [] for i in range(len(prompts))}
+            start = time.perf_counter()
+            for i, (prompt, (*_, n)) in enumerate(zip(prompts, requests)):
+                engine.add_request(f"t{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            while engine.has_unfinished():
+                for o in engine.step():
+                    out[o.request_id] += o.delta_token_ids
+            seconds = time.perf_counter() - start
+            tokens[backend] = out
+            rates[backend].append(sum(map(len, out.values())) / seconds)
+            del engine
+    med = {b: statistics.median(r) for b, r in rates.items()}
+    print(f"\n{num_requests}-request workload (benchmarks.throughput), output tok/s, median of {rounds} alternating "
+          f"rounds: " + ", ".join(f"{b} {m:.1f} (" + " ".join(f"{x:.0f}" for x in rates[b]) + ")"
+                                  for b, m in med.items()))
+    first = backends[0]
+    print(" ".join(f"{first}/{b} {med[first] / med[b]:.2f}x" for b in backends[1:]),
+          "| identical outputs:", all(tokens[b] == tokens[first] for b in backends))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--context", default="256", help="context lengths, comma-separated")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--backends", default="cpu,torch", help="our attention backends, comma-separated")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for all (default: torch's)")
     parser.add_argument("--busy", type=int, default=0, help="competing busy processes while timing")
+    parser.add_argument("--no-transformers", action="store_true", help="time our backends only")
+    parser.add_argument("--workload", type=int, default=0, help="then the throughput workload of N requests")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = bench_checkpoint()
-    print(f"decode step, context {args.context}, float32, CPU threads {torch.get_num_threads()}, "
-          f"median of {args.steps} alternating steps, {args.busy} competing busy processes")
-    print(f"{'batch':>5} {'ours ms':>9} {'transformers ms':>16} {'speed-up':>9}")
-    for batch in (1, 32):
-        ours, ref = Ours(folder, batch, args.context, args.steps + 2), Reference(folder, batch, args.context)
-        ours.step(), ref.step()  # warm-up
-        t_ours, t_ref = [], []
-        with busy_processes(args.busy):
-            for _ in range(args.steps):
-                t_ours.append(_timed(ours.step))
-                t_ref.append(_timed(ref.step))
-        a, b = statistics.median(t_ours), statistics.median(t_ref)
-        print(f"{batch:>5} {a * 1e3:>9.2f} {b * 1e3:>16.2f} {b / a:>8.2f}x")
+    backends = args.backends.split(",")
+    print(f"decode step, float32, CPU threads {torch.get_num_threads()}, median of {args.steps} alternating steps, "
+          f"{args.busy} competing busy processes")
+    names = [f"{b} ms" for b in backends] + ([] if args.no_transformers else ["transformers ms"])
+    ratios = [f"{backends[0]}/{b}" for b in backends[1:]] + (
+        [] if args.no_transformers else [f"{b} vs tf" for b in backends])
+    print(f"{'batch':>5} {'context':>7} " + " ".join(f"{n:>15}" for n in names + ratios))
+    for context in map(int, args.context.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            systems = [Ours(folder, batch, context, args.steps + 2, b) for b in backends]
+            if not args.no_transformers:
+                systems.append(Reference(folder, batch, context))
+            for system in systems:
+                system.step()  # warm-up
+            times: list[list[float]] = [[] for _ in systems]
+            with busy_processes(args.busy):
+                for _ in range(args.steps):
+                    for system, samples in zip(systems, times):
+                        samples.append(_timed(system.step))
+            med = [statistics.median(t) for t in times]
+            cells = [f"{m * 1e3:.2f}" for m in med] + [f"{m / med[0]:.2f}x" for m in med[1:len(backends)]]
+            if not args.no_transformers:
+                cells += [f"{med[-1] / m:.2f}x" for m in med[:len(backends)]]
+            print(f"{batch:>5} {context:>7} " + " ".join(f"{c:>15}" for c in cells), flush=True)
+            del systems
+    if args.workload:
+        workload(folder, backends, args.workload, args.rounds)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ under the profiler minus every op's. Wall times without the profiler are printed
 
     .venv/bin/python -m benchmarks.profile_step [--family fuyu|gemma4_unified] [--context 256] [--steps 20]
                                                 [--prefill 8x256] [--threads N] [--top 12] [--busy N]
+                                                [--backend auto|cpu|torch]
 
 ``--busy N``: N competing processes spin on a core each while the steps run (see benchmarks.decode_step).
 """
@@ -41,7 +42,8 @@ _PARTS_BY_NAME = {
 # inside attention: op -> sub-part
 _ATTENTION_OPS = {"aten::index_copy_": "KV write", "aten::index_select": "gather",
                   "aten::scaled_dot_product_attention": "math", "aten::_scaled_dot_product_flash_attention_for_cpu":
-                  "math", "aten::index_put_": "scatter q/out", "aten::index": "scatter q/out"}
+                  "math", "aten::index_put_": "scatter q/out", "aten::index": "scatter q/out",
+                  "fusionserve::paged_attention": "paged kernel (cpu backend)"}
 
 
 def _scoped(name: str, fn):
@@ -112,8 +114,8 @@ class Scene:
             self.after(out.token_ids)
 
 
-def decode_scene(folder, batch: int, context: int, steps: int) -> Scene:
-    ours = Ours(folder, batch, context, steps)
+def decode_scene(folder, batch: int, context: int, steps: int, backend: str = "auto") -> Scene:
+    ours = Ours(folder, batch, context, steps, backend)
 
     def chunks():
         num_blocks = -(-(ours.pos + 1) // 16)
@@ -125,9 +127,9 @@ def decode_scene(folder, batch: int, context: int, steps: int) -> Scene:
     return Scene(f"decode, batch {batch}, context {context}", ours.runner, chunks, after)
 
 
-def prefill_scene(folder, num_seqs: int, chunk_len: int) -> Scene:
+def prefill_scene(folder, num_seqs: int, chunk_len: int, backend: str = "auto") -> Scene:
     """``num_seqs`` prompts of ``chunk_len`` tokens from scratch in one step (the same blocks every run)."""
-    ours = Ours(folder, num_seqs, 16, chunk_len)
+    ours = Ours(folder, num_seqs, 16, chunk_len, backend)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, ours.runner.args.vocab_size, (chunk_len,), generator=g).tolist()
                for _ in range(num_seqs)]
@@ -222,16 +224,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--top", type=int, default=12, help="how many ops to list by self time")
     parser.add_argument("--busy", type=int, default=0, help="competing busy processes while profiling")
+    parser.add_argument("--backend", default="auto", help="attention backend (auto: cpu when its op builds)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     folder = make_folder(args.family)
     print(f"{args.family} benchmark checkpoint, float32, CPU threads {torch.get_num_threads()}, "
-          f"{args.steps} steps per scene, {args.busy} competing busy processes, torch {torch.__version__}")
+          f"{args.steps} steps per scene, {args.busy} competing busy processes, torch {torch.__version__}, "
+          f"attention backend {args.backend}")
     num_seqs, chunk_len = (int(x) for x in args.prefill.split("x"))
-    scenes = [lambda b=b: decode_scene(folder, b, args.context, 2 * args.steps + 4)
+    scenes = [lambda b=b: decode_scene(folder, b, args.context, 2 * args.steps + 4, args.backend)
               for b in map(int, args.batches.split(","))]
-    scenes.append(lambda: prefill_scene(folder, num_seqs, chunk_len))
+    scenes.append(lambda: prefill_scene(folder, num_seqs, chunk_len, args.backend))
     for make in scenes:
         scene = make()
         label(scene.runner)
