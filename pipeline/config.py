@@ -8,7 +8,9 @@ import torch
 
 from encoders import MediaLimits, VideoSampling
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "samples" / "fuyu-shapes"
+_SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+BUNDLED_MODEL = _SAMPLES / "gemma4-shapes"  # a tiny Gemma 4 Unified: images, clips and sounds
+FUYU_SHAPES_MODEL = _SAMPLES / "fuyu-shapes"  # the first bundled model, a tiny Fuyu: a second example
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

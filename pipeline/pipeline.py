@@ -26,7 +26,7 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path: str | None = None, device: str = "cpu", dtype: str | None = None,
                         **engine_options: Any) -> "Pipeline":
-        """``path``: a Hugging Face-format Fuyu folder (None: the bundled model); options: EngineConfig fields."""
+        """``path``: a Hugging Face-format Fuyu or Gemma 4 Unified folder (None: the bundled model); options: EngineConfig fields."""
         return cls(Engine(EngineConfig.from_options(model=path, device=device, dtype=dtype, **engine_options)))
 
     @property

@@ -7,7 +7,9 @@ A clip is 0.3-3 s of mono float32 at 16 kHz. Its beeps share one pitch class: lo
 480-900 Hz, high 1300-2600 Hz (a tone drawn from the class, a few percent of vibrato or a second harmonic
 sometimes added); each beep lasts 70-400 ms with 5-30 ms ramps, apart by at least 90 ms of quiet (two of the
 model's 40-ms audio tokens), at a level from -26 to -6 dBFS over white or pink noise 12-35 dB below it, and
-a slow hum sometimes. ``BeepMaker`` is the training generator; the held-out evaluation uses its own sounds
+a slow hum sometimes. A curriculum: ``hard`` is the chance that a sound gets that noise; otherwise its noise
+is 30-40 dB down with no hum (training raises ``hard`` from a quarter to one). ``BeepMaker`` is the training
+generator; the held-out evaluation uses its own sounds
 (``samples.scenes_heldout``).
 """
 from __future__ import annotations
@@ -55,9 +57,10 @@ def pink_noise(num_samples: int, np_rng: np.random.Generator) -> np.ndarray:
 class BeepMaker:
     """Training sounds; the same seed gives the same stream."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, hard: float = 1.0):
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(self.rng.getrandbits(32))
+        self.hard = hard  # the chance a sound gets the whole range of noise (else a quiet background)
 
     def layout(self, num_beeps: int) -> tuple[int, list[tuple[int, int]]]:
         """(total samples, [(start, length)] per beep): 0.3-3 s, beeps 70-400 ms, gaps >= MIN_GAP_S."""
@@ -88,9 +91,10 @@ class BeepMaker:
                                                round(rng.uniform(0.005, 0.03) * SAMPLING_RATE), rng,
                                                rng.uniform(0, 2 * np.pi))[: total - start]
         level = 10 ** (rng.uniform(-26, -6) / 20)
+        quiet = rng.random() >= self.hard
         noise = self.np_rng.standard_normal(total) if rng.random() < 0.5 else pink_noise(total, self.np_rng)
-        noise *= level / np.sqrt(2) * 10 ** (-rng.uniform(12, 35) / 20)
-        if rng.random() < 0.2:  # mains hum
+        noise *= level / np.sqrt(2) * 10 ** (-(rng.uniform(30, 40) if quiet else rng.uniform(12, 35)) / 20)
+        if rng.random() < 0.2 and not quiet:  # mains hum
             noise += level * 0.05 * np.sin(2 * np.pi * rng.choice((50.0, 60.0)) * np.arange(total) / SAMPLING_RATE)
         return (wave * level + noise).astype(np.float32)
 

@@ -12,6 +12,12 @@ changes is how a scene is drawn, so that the model learns shapes rather than one
 - clips of 4-32 frames at 4-30 fps, 32-160 pixels a side, one shape crossing 40-90% of its free range,
   encoded to mp4 (libx264) at a random quality, so they take the user's video path.
 
+Training-only questions, as for the Fuyu model: "Where is the shape?" on one-shape stills and "Where does the
+shape start / end?" on clips ("top left" ... "bottom right"; not asked when the centre is near a midline).
+They make the model find the shape's cells, which shape, count and motion need. A curriculum: ``hard`` is
+the chance that a medium is drawn with the whole variety above; otherwise it is a filled, upright shape on a
+plain background, kept lossless (training raises ``hard`` from a quarter to one).
+
 All randomness comes from one ``random.Random(seed)`` (and numpy generators seeded from it): the same seed
 gives the same media. The held-out evaluation draws with ``samples.scenes_heldout``, which shares nothing with
 this file but the answer vocabulary.
@@ -28,7 +34,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from samples.shapes import COUNT_WORDS, DIRECTIONS, SHAPES, Scene, Shape
+from samples.shapes import COUNT_WORDS, DIRECTIONS, SHAPES, Scene, Shape, _where
 
 HUES = {"red": 0.0, "orange": 28.0, "yellow": 54.0, "green": 125.0, "blue": 222.0, "purple": 280.0}  # degrees
 HUE_JITTER = 7.0
@@ -117,9 +123,11 @@ class Style:
 class SceneMaker:
     """Training media; the same seed gives the same stream."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, hard: float = 1.0):
         self.rng = random.Random(seed)
         self.np_rng = np.random.default_rng(self.rng.getrandbits(32))
+        self.hard = hard  # the chance a medium gets the whole variety of drawing (else the plain kind)
+        self._plain = False  # the medium being drawn is of the plain kind
 
     # colours, styles, backgrounds
     def color(self) -> tuple[str, tuple[int, int, int]]:
@@ -138,10 +146,12 @@ class SceneMaker:
         background = self.rng.choices(("plain", "gradient", "noise", "stripes", "checks"), (3, 2, 2, 1, 1))[0]
         base = self._light(150 if self.rng.random() < 0.15 else 205)
         other = self._light(175)
+        if self._plain:
+            background = "plain"
         return Style(background, base, other, self.rng.uniform(3, 14) if background == "noise" else 0.0,
                      self.rng.randint(3, 16), self.rng.random() < 0.5,
                      self.rng.choice((1, 2, 3)) if max_side <= 256 else self.rng.choice((1, 2)),
-                     self.rng.randint(25, 90) if self.rng.random() < 0.3 else None)
+                     self.rng.randint(25, 90) if self.rng.random() < 0.3 and not self._plain else None)
 
     def canvas(self, style: Style, width: int, height: int) -> Image.Image:
         s = style.supersample
@@ -174,9 +184,10 @@ class SceneMaker:
     def shape(self, size: float, cx: float, cy: float) -> Drawn:
         color, rgb = self.color()
         kind = self.rng.choice(SHAPES)
-        outline = self.rng.uniform(0.06, 0.15) * size if self.rng.random() < 0.25 else 0.0
-        return Drawn(kind, color, rgb, cx, cy, size, self.rng.uniform(0, 2 * math.pi) if self.rng.random() < 0.6
-                     else 0.0, max(outline, 1.5) if outline else 0.0, self.rng.random() < 0.3)
+        outline = self.rng.uniform(0.06, 0.15) * size if self.rng.random() < 0.25 and not self._plain else 0.0
+        angle = self.rng.uniform(0, 2 * math.pi) if self.rng.random() < 0.6 and not self._plain else 0.0
+        return Drawn(kind, color, rgb, cx, cy, size, angle, max(outline, 1.5) if outline else 0.0,
+                     self.rng.random() < 0.3)
 
     def size(self) -> tuple[int, int]:
         """Sides 32..512 pixels, aspect ratios 1:6..6:1 (mostly within 1:3..3:1)."""
@@ -202,6 +213,7 @@ class SceneMaker:
         return None
 
     def scene(self, num_shapes: int) -> tuple[Image.Image, list[Drawn]]:
+        self._plain = self.rng.random() >= self.hard
         while True:
             width, height = self.size()
             shapes = self.place(width, height, num_shapes)
@@ -220,11 +232,16 @@ class SceneMaker:
         answers = {"count": COUNT_WORDS[num_shapes - 1], "describe": description(shapes)}
         if num_shapes == 1:
             answers.update(color=shapes[0].color, shape=shapes[0].kind)
+            where = _where(shapes[0].cx, shapes[0].cy, *image.size)
+            if where is not None:  # training only
+                answers["where"] = where
         return Medium(answers, image=image)
 
     # clips
-    def clip(self) -> tuple[bytes, Drawn, str]:
-        """(mp4, the shape at the first frame, direction): 4-32 frames at 4-30 fps, 32-160 px (even sides)."""
+    def clip(self) -> tuple[bytes, Drawn, str, dict[str, str]]:
+        """(mp4, the shape at the first frame, direction, where it starts and ends): 4-32 frames at 4-30 fps,
+        32-160 px (even sides)."""
+        self._plain = self.rng.random() >= self.hard
         width, height = 2 * self.rng.randint(16, 80), 2 * self.rng.randint(16, 80)
         if max(width, height) > 2.5 * min(width, height):
             height = width = min(width, height)
@@ -244,11 +261,14 @@ class SceneMaker:
         dx, dy = _STEP[direction]
         frames = [np.asarray(self.render(style, width, height, [shape.moved(dx * t, dy * t)]))
                   for t in (distance * i / (num_frames - 1) for i in range(num_frames))]
-        return encode_mp4(frames, fps, crf=self.rng.randint(16, 32)), shape, direction
+        last = shape.moved(dx * distance, dy * distance)
+        places = {"start": _where(shape.cx, shape.cy, width, height), "end": _where(last.cx, last.cy, width, height)}
+        return (encode_mp4(frames, fps, crf=self.rng.randint(16, 32)), shape, direction,
+                {k: v for k, v in places.items() if v is not None})
 
     def annotated_clip(self) -> Medium:
-        video, shape, direction = self.clip()
-        return Medium({"motion": direction, "color": shape.color, "shape": shape.kind}, video=video)
+        video, shape, direction, places = self.clip()
+        return Medium({"motion": direction, "color": shape.color, "shape": shape.kind, **places}, video=video)
 
 
 def encode_mp4(frames: list[np.ndarray], fps: int, crf: int = 20, audio: np.ndarray | None = None,

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 
 def question_losses(logits: torch.Tensor, labels: torch.Tensor, question_ids: torch.Tensor,
-                    question_tasks: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+                    question_tasks: list[str], task_weights: dict[str, float] | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
     """``logits`` [N, V] of the N labelled tokens, their ``labels`` and question ids [N] -> the mean over
-    questions of each question's mean token loss, and the mean loss per task."""
+    questions of each question's mean token loss (weighted by ``task_weights``, 1 for a task not named), and
+    the mean loss per task."""
     token_loss = F.cross_entropy(logits, labels, reduction="none")
     num_q = len(question_tasks)
     per_question = torch.zeros(num_q).index_add_(0, question_ids, token_loss) / torch.bincount(question_ids,
@@ -23,7 +25,11 @@ def question_losses(logits: torch.Tensor, labels: torch.Tensor, question_ids: to
     per_task: dict[str, list[float]] = {}
     for task, value in zip(question_tasks, per_question.tolist()):
         per_task.setdefault(task, []).append(value)
-    return per_question.mean(), {t: sum(v) / len(v) for t, v in per_task.items()}
+    means = {t: sum(v) / len(v) for t, v in per_task.items()}
+    if not task_weights:
+        return per_question.mean(), means
+    weights = torch.tensor([task_weights.get(t, 1.0) for t in question_tasks])
+    return (per_question * weights).sum() / weights.sum(), means
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

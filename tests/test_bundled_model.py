@@ -1,4 +1,4 @@
-"""The bundled model samples/fuyu-shapes: transformers loads it and agrees with our Pipeline, and it answers
+"""The example Fuyu checkpoint samples/fuyu-shapes (the bundled model before samples/gemma4-shapes): transformers loads it and agrees with our Pipeline, and it answers
 fresh shape scenes (a new seed) through Pipeline and over HTTP.
 
 Small samples get slack against the issue's targets (>= 95% color/shape, >= 90% count/motion; the full
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline import Pipeline
-from pipeline.config import BUNDLED_MODEL, EngineConfig
+from pipeline.config import FUYU_SHAPES_MODEL, EngineConfig
 from samples.evaluate_shapes import EVAL_SEED, evaluate, examples_for, request_for
 from samples.shapes import COLORS, PROMPTS, SHAPES
 from tokenization import Interleaver
@@ -30,22 +30,22 @@ DESCRIPTION = re.compile(f"^{_THING}((, {_THING})* and {_THING})?$")
 
 @pytest.fixture(scope="module")
 def pipe():
-    return Pipeline.from_pretrained()  # no path: the bundled model
+    return Pipeline.from_pretrained(str(FUYU_SHAPES_MODEL))
 
 
 def test_checkpoint_files_and_size():
-    names = {p.name for p in BUNDLED_MODEL.iterdir()}
+    names = {p.name for p in FUYU_SHAPES_MODEL.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "processor_config.json"} <= names
-    assert sum(p.stat().st_size for p in BUNDLED_MODEL.iterdir()) <= 30 * 2**20
+    assert sum(p.stat().st_size for p in FUYU_SHAPES_MODEL.iterdir()) <= 30 * 2**20
 
 
 def test_transformers_loads_it_and_agrees_with_pipeline(pipe):
     from transformers import FuyuForCausalLM, FuyuProcessor
 
-    model = FuyuForCausalLM.from_pretrained(BUNDLED_MODEL, dtype=torch.float32).eval()
-    processor = FuyuProcessor.from_pretrained(BUNDLED_MODEL)
-    interleaver = Interleaver.from_pretrained(BUNDLED_MODEL)
+    model = FuyuForCausalLM.from_pretrained(FUYU_SHAPES_MODEL, dtype=torch.float32).eval()
+    processor = FuyuProcessor.from_pretrained(FUYU_SHAPES_MODEL)
+    interleaver = Interleaver.from_pretrained(FUYU_SHAPES_MODEL)
     for task in ("color", "shape", "count", "describe"):
         ex = examples_for(task, 1, EVAL_SEED + 99)[0]
         inputs = processor(images=ex.image, text=ex.question, return_tensors="pt", return_legacy_image_output=False)
@@ -80,7 +80,7 @@ def test_small_evaluation_over_http(pipe):
     from serve.app import create_app
     from tests.server_fixtures import running_server
 
-    with running_server(create_app(EngineConfig())) as base_url:
+    with running_server(create_app(EngineConfig(model=str(FUYU_SHAPES_MODEL)))) as base_url:
         for task in ("color", "shape", "count", "describe", "motion"):
             examples = examples_for(task, 10, EVAL_SEED + 7)
             correct = 0

@@ -60,6 +60,15 @@ def pipe():
     return Pipeline.from_pretrained(str(DEFAULT_MODEL))
 
 
+def test_it_is_what_loads_when_no_model_is_given():
+    from pipeline.config import BUNDLED_MODEL, EngineConfig
+
+    assert BUNDLED_MODEL == DEFAULT_MODEL and EngineConfig().model == str(DEFAULT_MODEL)
+    from serve.cli import build_parser
+
+    assert EngineConfig(model=build_parser().parse_args(["serve"]).model).model == str(DEFAULT_MODEL)
+
+
 def test_checkpoint_files_and_size():
     names = {p.name for p in DEFAULT_MODEL.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -180,6 +189,37 @@ def test_training_script_is_seeded_and_writes_a_checkpoint_transformers_reads(tm
     model = Gemma4UnifiedForConditionalGeneration.from_pretrained(tmp_path / "a")
     assert model.config.text_config.hidden_size == 32
     assert Gemma4UnifiedProcessor.from_pretrained(tmp_path / "a").video_processor.num_frames == 4
+
+
+def test_task_weights_and_starting_weights(tmp_path):
+    """A weighted question counts that many times in the mean; start_weights sets the attention norms to
+    head_dim ** -0.25, the post-attention / post-MLP norms to branch_scale, and unit-RMS embeddings."""
+    import math
+
+    from samples.train_gemma4_shapes import TrainConfig, start_weights
+    from samples.training import question_losses
+
+    logits, labels = torch.randn(5, 7), torch.tensor([1, 2, 3, 4, 5])
+    qids, tasks = torch.tensor([0, 0, 1, 2, 2]), ["shape", "color", "shape"]
+    token = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    per_q = torch.stack([token[:2].mean(), token[2], token[3:].mean()])
+    plain, means = question_losses(logits, labels, qids, tasks)
+    weighted, _ = question_losses(logits, labels, qids, tasks, {"shape": 4.0})
+    assert torch.allclose(plain, per_q.mean())
+    assert torch.allclose(weighted, (4 * per_q[0] + per_q[1] + 4 * per_q[2]) / 9)
+    assert math.isclose(means["shape"], float(per_q[[0, 2]].mean()), rel_tol=1e-6)
+
+    _, model_config, write_processor, model_class = _tiny_training_model()
+    cfg = TrainConfig(hidden_size=64, num_layers=2, num_heads=2, branch_scale=0.3)
+    model = model_class(model_config(cfg, write_processor(tmp_path)))
+    start_weights(model, cfg)
+    layer = model.model.language_model.layers[0]
+    head_dim = layer.self_attn.head_dim
+    assert torch.allclose(layer.self_attn.q_norm.weight, torch.full((head_dim,), head_dim ** -0.25))
+    assert torch.all(layer.post_attention_layernorm.weight == 0.3)
+    with torch.no_grad():
+        scaled = model.model.language_model.embed_tokens(torch.arange(100))
+    assert 0.8 < float(scaled.pow(2).mean().sqrt()) < 1.2
 
 
 def test_training_never_imports_the_heldout_renderer():
