@@ -77,11 +77,11 @@ def _build() -> Path:
     if ninja_dir:
         os.environ["PATH"] = ninja_dir + os.pathsep + path
     try:
-        from torch.utils import cpp_extension
-
         isa = _isa()
         with warnings.catch_warnings(record=True) as caught:  # torch's compiler notes: logged, not raised
             warnings.simplefilter("always")
+            from torch.utils import cpp_extension
+
             logger.info("building the CPU paged attention op in %s", folder)
             cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_flags(isa), extra_ldflags=["-fopenmp"],
                                build_directory=str(work), is_python_module=False)  # loads it too
