@@ -19,7 +19,7 @@ class EngineConfig:
     model: str | None = None  # Hugging Face-format folder; None: the bundled model
     device: str = "cpu"
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 elsewhere
-    attention_backend: str = "auto"  # auto | torch | flash | triton
+    attention_backend: str = "auto"  # auto | cpu | torch | flash | triton
     block_size: int | None = None  # tokens per KV block; None: 256 with flash-attn (its paged-KV rule), else 16
     num_blocks: int | None = None  # KV pool size in blocks; overrides kv_cache_memory
     kv_cache_memory: float | None = None  # bytes (>1) or a fraction of free memory (0, 1]; None: 0.5 on CUDA, 1 GiB else

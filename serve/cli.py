@@ -8,7 +8,7 @@ import sys
 ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
     "--device": ("device", str, "cpu, cuda, cuda:1 ..."),
     "--dtype": ("dtype", str, "float32 | bfloat16 | float16 (default: bfloat16 on CUDA, float32 else)"),
-    "--attention-backend": ("attention_backend", str, "auto | torch | triton | flash"),
+    "--attention-backend": ("attention_backend", str, "auto | cpu | torch | triton | flash"),
     "--block-size": ("block_size", int, "KV block size in tokens"),
     "--num-blocks": ("num_blocks", int, "KV pool size in blocks (overrides --kv-cache-memory)"),
     "--kv-cache-memory": ("kv_cache_memory", float, "KV pool: bytes (>1) or a fraction of free memory"),
