@@ -34,7 +34,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from samples.shapes import COUNT_WORDS, DIRECTIONS, SHAPES, Scene, Shape, _where
+from samples.shapes import COUNT_WORDS, DIRECTIONS, SHAPES, Scene, Shape, where_answer
 
 HUES = {"red": 0.0, "orange": 28.0, "yellow": 54.0, "green": 125.0, "blue": 222.0, "purple": 280.0}  # degrees
 HUE_JITTER = 7.0
@@ -232,7 +232,7 @@ class SceneMaker:
         answers = {"count": COUNT_WORDS[num_shapes - 1], "describe": description(shapes)}
         if num_shapes == 1:
             answers.update(color=shapes[0].color, shape=shapes[0].kind)
-            where = _where(shapes[0].cx, shapes[0].cy, *image.size)
+            where = where_answer(shapes[0].cx, shapes[0].cy, *image.size)
             if where is not None:  # training only
                 answers["where"] = where
         return Medium(answers, image=image)
@@ -262,7 +262,8 @@ class SceneMaker:
         frames = [np.asarray(self.render(style, width, height, [shape.moved(dx * t, dy * t)]))
                   for t in (distance * i / (num_frames - 1) for i in range(num_frames))]
         last = shape.moved(dx * distance, dy * distance)
-        places = {"start": _where(shape.cx, shape.cy, width, height), "end": _where(last.cx, last.cy, width, height)}
+        places = {"start": where_answer(shape.cx, shape.cy, width, height),
+                  "end": where_answer(last.cx, last.cy, width, height)}
         return (encode_mp4(frames, fps, crf=self.rng.randint(16, 32)), shape, direction,
                 {k: v for k, v in places.items() if v is not None})
 

@@ -161,7 +161,7 @@ class Annotated:
     video: bytes | None = None  # mp4
 
 
-def _where(cx: float, cy: float, width: int, height: int) -> str | None:
+def where_answer(cx: float, cy: float, width: int, height: int) -> str | None:
     """"top left" ... "bottom right" for a centre, or None when it lies near a midline."""
     if min(abs(cx / width - 0.5), abs(cy / height - 0.5)) < _WHERE_MARGIN:
         return None
@@ -237,7 +237,7 @@ class SceneGenerator:
         if len(scene.shapes) == 1:
             shape = scene.shapes[0]
             answers.update(color=shape.color, shape=shape.kind)
-            if (where := _where(shape.cx, shape.cy, scene.width, scene.height)) is not None:
+            if (where := where_answer(shape.cx, shape.cy, scene.width, scene.height)) is not None:
                 answers["where"] = where
         return Annotated(answers, image=scene.render())
 
@@ -248,7 +248,7 @@ class SceneGenerator:
         ends = {"start": (clip.shape.cx, clip.shape.cy),
                 "end": (clip.shape.cx + dx * clip.distance, clip.shape.cy + dy * clip.distance)}
         for task, (x, y) in ends.items():
-            if (where := _where(x, y, clip.width, clip.height)) is not None:
+            if (where := where_answer(x, y, clip.width, clip.height)) is not None:
                 answers[task] = where
         return Annotated({t: a for t, a in answers.items() if t in tasks}, video=clip.to_mp4())
 
@@ -259,7 +259,7 @@ class SceneGenerator:
             while True:
                 scene = self.scene(1)
                 shape = scene.shapes[0]
-                if (where := _where(shape.cx, shape.cy, scene.width, scene.height)) is not None:
+                if (where := where_answer(shape.cx, shape.cy, scene.width, scene.height)) is not None:
                     return Example(task, WHERE_PROMPTS["where"], where, image=scene.render())
         if task not in PROMPTS:
             raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")

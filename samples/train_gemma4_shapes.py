@@ -303,7 +303,8 @@ def train(cfg: TrainConfig, out_dir: Path) -> None:
     loader = torch.utils.data.DataLoader(BatchStream(cfg, out_dir), batch_size=None, num_workers=1,
                                          prefetch_factor=4)
     weights = {task: float(w) for task, w in (item.split("=") for item in cfg.task_weights.split(",") if item)}
-    fit(model, loader, lambda m, b: answer_loss(m, b, weights), steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    fit(model, loader, lambda m, b: answer_loss(m, b, weights), steps=cfg.steps, lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
         lr_at=lambda step: lr_at(step, cfg), kind_at=lambda step: step_kind(step, cfg),
         save=lambda: model.save_pretrained(out_dir), save_every=cfg.save_every, max_minutes=cfg.max_minutes)
     print(f"saved to {out_dir}", flush=True)

@@ -20,7 +20,8 @@ ENGINE_OPTIONS = {  # flag -> (EngineConfig field, type, help)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face-format Fuyu or Gemma 4 Unified folder (default: the bundled model, samples/gemma4-shapes)")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face-format Fuyu or Gemma 4 Unified folder (default: the bundled samples/gemma4-shapes)")
     for flag, (_, kind, text) in ENGINE_OPTIONS.items():
         p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")

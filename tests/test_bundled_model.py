@@ -1,4 +1,5 @@
-"""The example Fuyu checkpoint samples/fuyu-shapes (the bundled model before samples/gemma4-shapes): transformers loads it and agrees with our Pipeline, and it answers
+"""The example Fuyu checkpoint samples/fuyu-shapes (the bundled model before samples/gemma4-shapes): transformers
+loads it and agrees with our Pipeline, and it answers
 fresh shape scenes (a new seed) through Pipeline and over HTTP.
 
 Small samples get slack against the issue's targets (>= 95% color/shape, >= 90% count/motion; the full
