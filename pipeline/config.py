@@ -29,6 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # CUDA only; () disables
+    compile_decode: bool = False  # CPU, cpu attention backend: torch.compile the decode step (at load, ~1 min)
     seed: int = 0  # the engine's own generator, for requests without a seed (the process's RNG is left alone)
     keep_freed_memory: bool = False  # CPU: glibc keeps freed memory in its heap (mallopt: the whole process)
     media_limits: MediaLimits = field(default_factory=MediaLimits)
@@ -62,6 +63,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if not self.enable_chunked_prefill and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
+        if self.compile_decode and self.device != "cpu":
+            raise ValueError("compile_decode is for the CPU; on CUDA the decode step runs as CUDA graphs "
+                             "(cuda_graph_batch_sizes)")
         sizes = tuple(self.cuda_graph_batch_sizes)
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
             raise ValueError(f"cuda_graph_batch_sizes must be positive integers, got {self.cuda_graph_batch_sizes!r}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.attention import AttentionMetadata, StepContext, get_backend
+from pipeline.compiled_decode import COMPILABLE_BACKENDS, CompiledDecode
 from pipeline.config import EngineConfig
 from pipeline.cuda_graph import CAPTURABLE_BACKENDS, DecodeGraphs
 from pipeline.models import CausalLM, StepMedia, get_family
@@ -109,6 +110,13 @@ class ModelRunner:
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.ctx, config.cuda_graph_batch_sizes, self.block_size,
                                        self.max_model_len, self.num_blocks, self.device)
+        self.compiled = None
+        if config.compile_decode:
+            if self.backend.name not in COMPILABLE_BACKENDS:
+                raise ValueError(f"compile_decode needs the cpu attention backend (its C++ op), not "
+                                 f"{self.backend.name!r}")
+            self.compiled = CompiledDecode(self.model, self.ctx, self.block_size, config.max_num_seqs)
+            self.compiled.warm_up()  # the pool is empty: its dummy K/V land in a block no sequence holds yet
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB), backend %s", self.num_blocks, self.block_size,
                     self.num_blocks * self.bytes_per_block / 2**20, self.backend.name)
 
@@ -187,6 +195,9 @@ class ModelRunner:
         if (self.graphs is not None and not all_logits and step.media is None
                 and len(step.logits_indices) == len(chunks) and self.graphs.can_run(step.meta)):
             return self.graphs.run(step.input_ids, step.positions, step.meta)  # decode only, no media rows
+        if (self.compiled is not None and not all_logits and step.media is None
+                and len(step.logits_indices) == len(chunks) and self.compiled.can_run(step.meta)):
+            return self.compiled.run(step.input_ids, step.positions, step.meta)
         with self.ctx.step(step.meta):
             hidden = self.model(step.input_ids, step.positions, step.media)
         return self.model.compute_logits(hidden.index_select(0, step.logits_indices))

@@ -99,6 +99,15 @@ def _build() -> Path:
 _loaded: dict[str, object] = {}  # "op": the op, or None once it failed
 
 
+def _register_fake() -> None:
+    """The op's shape-only version, for ``torch.compile`` (``pipeline/compiled_decode.py``): it writes its
+    ``out`` argument in place and returns nothing, so there is nothing to compute."""
+    @torch.library.register_fake("fusionserve::paged_attention")
+    def _(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, run_start, run_end, scale, sliding_window,
+          out) -> None:
+        return None
+
+
 def load_op():
     """``torch.ops.fusionserve.paged_attention``, built and loaded once per process; None when it cannot be
     (tried once: the warning says why)."""
@@ -109,6 +118,7 @@ def load_op():
                 if not hasattr(torch.ops.fusionserve, "paged_attention"):
                     torch.ops.load_library(str(library))
                 _loaded["op"] = torch.ops.fusionserve.paged_attention
+                _register_fake()
             except Exception as exc:  # no compiler or ninja, a build error: the torch path serves instead
                 _loaded["op"] = None
                 text = " ".join(str(exc).split())  # a build error: its head and the compiler's last words

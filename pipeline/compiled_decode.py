@@ -1,0 +1,61 @@
+"""The decode step compiled by ``torch.compile`` on CPU: the CPU's answer to CUDA graphs (``cuda_graph.py``).
+
+At batch 1 an eager decode step of the benchmark Fuyu spends about half its time in Python and op dispatch
+(some 40 small ops a layer: norms, rotary, residuals, views; ``benchmarks/profile_step.py``). Inductor traces
+the whole step (embedding, every layer, final norm, LM head) into one graph and fuses the elementwise work
+around the linears into generated C++ loops; the paged attention stays one call of the ``cpu`` backend's
+C++ op, which the trace sees through its fake (shape-only) implementation (``attention/cpu_kernel.py``).
+
+Only decode-only steps without media run compiled (every sequence adds one token): prefill chunks, media
+rows and ``all_logits`` steps run eager, as the CUDA graphs leave them. Two graphs cover every batch size:
+inductor specializes size 1, so batch 1 has its own, and one graph with a symbolic batch size serves the
+rest. Both are compiled at load time by ``warm_up`` on dummy decodes that write only into block 0 of the
+still-empty pool, so no request pays a compile; inductor's on-disk cache makes later starts cheaper.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from pipeline.attention import AttentionMetadata, StepContext
+from pipeline.models import CausalLM
+
+logger = logging.getLogger(__name__)
+COMPILABLE_BACKENDS = ("cpu",)  # its op has a fake implementation; the torch path's gathers are data-dependent
+
+
+class CompiledDecode:
+    def __init__(self, model: CausalLM, ctx: StepContext, block_size: int, max_num_seqs: int):
+        self.model, self.ctx, self.block_size = model, ctx, block_size
+        self.max_num_seqs = max_num_seqs
+        self.fn = torch.compile(self._step, dynamic=True, fullgraph=True)
+
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(self.model(input_ids, positions))
+
+    @staticmethod
+    def can_run(meta: AttentionMetadata) -> bool:
+        return meta.is_decode_only and meta.query_run_start is None
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Logits [B, V] of a decode-only step."""
+        if meta.block_tables.shape[1] == 1:  # width 1 would be a graph of its own (inductor specializes size 1)
+            meta.block_tables = torch.nn.functional.pad(meta.block_tables, (0, 1))
+        with self.ctx.step(meta):
+            return self.fn(input_ids, positions)
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Compiles the batch-1 graph and the symbolic-batch graph (batch 2, then 3 to check it is reused);
+        call before the pool holds anything: the dummy tokens' K/V go to block 0, which no sequence has yet.
+        Returns the seconds it took."""
+        start = time.perf_counter()
+        for batch in sorted({1, min(2, self.max_num_seqs), min(3, self.max_num_seqs)}):
+            meta = AttentionMetadata.build([1] * batch, [1] * batch, [[0, 0]] * batch, self.block_size)
+            ids = torch.zeros(batch, dtype=torch.long)
+            self.run(ids, torch.zeros(batch, dtype=torch.long), meta)
+        seconds = time.perf_counter() - start
+        logger.info("decode step compiled in %.1f s", seconds)
+        return seconds
