@@ -7,7 +7,9 @@ around the linears into generated C++ loops; the paged attention stays one call 
 C++ op, which the trace sees through its fake (shape-only) implementation (``attention/cpu_kernel.py``).
 
 Only decode-only steps without media run compiled (every sequence adds one token): prefill chunks, media
-rows and ``all_logits`` steps run eager, as the CUDA graphs leave them. Two graphs cover every batch size:
+rows and ``all_logits`` steps run eager, as the CUDA graphs leave them. With packed linears
+(``models/packed_linear.py``) only batches below its ``MIN_ROWS`` do: those are the dispatch-bound ones, and
+larger batches are GEMM-bound, where oneDNN's packed GEMM (eager) is the faster kernel. Two graphs cover every batch size:
 inductor specializes size 1, so batch 1 has its own, and one graph with a symbolic batch size serves the
 rest. Both are compiled at load time by ``warm_up`` on dummy decodes that write only into block 0 of the
 still-empty pool, so no request pays a compile; inductor's on-disk cache makes later starts cheaper.
@@ -27,17 +29,16 @@ COMPILABLE_BACKENDS = ("cpu",)  # its op has a fake implementation; the torch pa
 
 
 class CompiledDecode:
-    def __init__(self, model: CausalLM, ctx: StepContext, block_size: int, max_num_seqs: int):
-        self.model, self.ctx, self.block_size = model, ctx, block_size
-        self.max_num_seqs = max_num_seqs
+    def __init__(self, model: CausalLM, ctx: StepContext, block_size: int, max_batch: int):
+        """``max_batch``: the largest batch it runs."""
+        self.model, self.ctx, self.block_size, self.max_batch = model, ctx, block_size, max_batch
         self.fn = torch.compile(self._step, dynamic=True, fullgraph=True)
 
     def _step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(self.model(input_ids, positions))
 
-    @staticmethod
-    def can_run(meta: AttentionMetadata) -> bool:
-        return meta.is_decode_only and meta.query_run_start is None
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return meta.is_decode_only and meta.query_run_start is None and meta.num_seqs <= self.max_batch
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Logits [B, V] of a decode-only step."""
@@ -52,7 +53,7 @@ class CompiledDecode:
         call before the pool holds anything: the dummy tokens' K/V go to block 0, which no sequence has yet.
         Returns the seconds it took."""
         start = time.perf_counter()
-        for batch in sorted({1, min(2, self.max_num_seqs), min(3, self.max_num_seqs)}):
+        for batch in sorted({1, min(2, self.max_batch), min(3, self.max_batch)}):
             meta = AttentionMetadata.build([1] * batch, [1] * batch, [[0, 0]] * batch, self.block_size)
             ids = torch.zeros(batch, dtype=torch.long)
             self.run(ids, torch.zeros(batch, dtype=torch.long), meta)
