@@ -8,8 +8,9 @@ C++ op, which the trace sees through its fake (shape-only) implementation (``att
 
 Only decode-only steps without media run compiled (every sequence adds one token): prefill chunks, media
 rows and ``all_logits`` steps run eager, as the CUDA graphs leave them. With packed linears
-(``models/packed_linear.py``) only batches below its ``MIN_ROWS`` do: those are the dispatch-bound ones, and
-larger batches are GEMM-bound, where oneDNN's packed GEMM (eager) is the faster kernel. Two graphs cover every batch size:
+(``models/packed_linear.py``) only batches below its ``MIN_ROWS`` (1-3) do, the ones where MKL is the faster
+GEMM and dispatch the largest share; from 4 rows oneDNN's packed GEMM (eager, which the trace does not take)
+gains more than the compile would. Two graphs cover every batch size:
 inductor specializes size 1, so batch 1 has its own, and one graph with a symbolic batch size serves the
 rest. Both are compiled at load time by ``warm_up`` on dummy decodes that write only into block 0 of the
 still-empty pool, so no request pays a compile; inductor's on-disk cache makes later starts cheaper.
@@ -20,6 +21,7 @@ import logging
 import time
 
 import torch
+import torch.fx.experimental._config as shape_config
 
 from pipeline.attention import AttentionMetadata, StepContext
 from pipeline.models import CausalLM
@@ -53,10 +55,13 @@ class CompiledDecode:
         call before the pool holds anything: the dummy tokens' K/V go to block 0, which no sequence has yet.
         Returns the seconds it took."""
         start = time.perf_counter()
-        for batch in sorted({1, min(2, self.max_batch), min(3, self.max_batch)}):
-            meta = AttentionMetadata.build([1] * batch, [1] * batch, [[0, 0]] * batch, self.block_size)
-            ids = torch.zeros(batch, dtype=torch.long)
-            self.run(ids, torch.zeros(batch, dtype=torch.long), meta)
+        # no duck sizing: sizes that happen to be equal here (a batch + 1 and a block-table width) must not
+        # become one symbol, or a later step where they differ would compile again
+        with shape_config.patch(use_duck_shape=False):
+            for batch in sorted({1, min(2, self.max_batch), min(3, self.max_batch)}):
+                meta = AttentionMetadata.build([1] * batch, [1] * batch, [[0, 0]] * batch, self.block_size)
+                ids = torch.zeros(batch, dtype=torch.long)
+                self.run(ids, torch.zeros(batch, dtype=torch.long), meta)
         seconds = time.perf_counter() - start
         logger.info("decode step compiled in %.1f s", seconds)
         return seconds

@@ -26,6 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     p.add_argument("--no-chunked-prefill", action="store_true", help="disable chunked prefill")
+    p.add_argument("--no-pack-linears", action="store_true",
+                   help="CPU: one copy of each linear weight (MKL's GEMM only; slower batches, less memory)")
     p.add_argument("--compile-decode", action="store_true",
                    help="CPU: torch.compile the decode step at start (about 0.5-1.5 min; faster small batches)")
 
@@ -39,6 +41,8 @@ def engine_config(args: argparse.Namespace):
         options["enable_prefix_caching"] = False
     if args.no_chunked_prefill:
         options["enable_chunked_prefill"] = False
+    if args.no_pack_linears:
+        options["pack_linears"] = False
     if args.compile_decode:
         options["compile_decode"] = True
     return EngineConfig(model=args.model, **options)

@@ -21,15 +21,17 @@ def _image(seed: int, h: int, w: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def _compiled_tokens(folder, requests, max_tokens: int, **options) -> tuple[list[list[int]], int]:
-    """Greedy tokens of ``requests`` run together, and how many steps ran compiled."""
+def _compiled_tokens(folder, requests, max_tokens: list[int], **options) -> tuple[list[list[int]], int]:
+    """Greedy tokens of ``requests`` run together (answer i ``max_tokens[i]`` long), and how many steps ran
+    compiled."""
     pipe = Pipeline.from_pretrained(str(folder), compile_decode=True, **options)
     compiled = pipe.engine.runner.compiled
     calls = []
     run = compiled.run
     compiled.run = lambda *args: calls.append(args[0].shape[0]) or run(*args)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        outs = pipe.generate(requests, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        outs = pipe.generate(requests, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+                                        for n in max_tokens])
     assert sorted(set(calls)) != [1], "batches of several sequences ran compiled too"
     return [o.token_ids for o in outs], len(calls)
 
@@ -39,17 +41,17 @@ def test_fuyu_greedy_tokens_equal_transformers(tiny_checkpoint, hf_model, hf_pro
 
     images = [Image.fromarray(_image(i, 30 + 7 * i, 50 - 5 * i)) for i in range(4)]
     prompts = ["What is this?", "Describe it", "a", "and what colour is the thing on the left"]
-    # different prompt and answer lengths: the batch shrinks 4 -> 1 as answers end
+    # different prompt and answer lengths: the batch shrinks 4 -> 1 as answers end (batch 4 runs eager)
     lengths = [12, 3, 7, 1]
     requests = [{"prompt": p, "images": [im]} for p, im in zip(prompts, images)]
-    ours, num_compiled = _compiled_tokens(tiny_checkpoint, requests, max(lengths), num_blocks=64, block_size=8)
-    assert num_compiled >= max(lengths) - 1
-    for prompt, image, tokens in zip(prompts, images, ours):
+    ours, num_compiled = _compiled_tokens(tiny_checkpoint, requests, lengths, num_blocks=64, block_size=8)
+    assert num_compiled == max(lengths) - 1
+    for prompt, image, tokens, n in zip(prompts, images, ours, lengths):
         inputs = hf_processor(images=image, text=prompt, return_tensors="pt", return_legacy_image_output=False)
         with torch.no_grad():
             ref = hf_model.generate(**inputs, max_new_tokens=max(lengths), do_sample=False, eos_token_id=None,
                                     pad_token_id=0)
-        assert tokens == ref[0, inputs["input_ids"].shape[1]:].tolist(), prompt
+        assert tokens == ref[0, inputs["input_ids"].shape[1]:][:n].tolist(), prompt
 
 
 def test_gemma4_unified_greedy_tokens_equal_transformers(tmp_path):
@@ -62,8 +64,8 @@ def test_gemma4_unified_greedy_tokens_equal_transformers(tmp_path):
     requests = [{"prompt": "look <image> at it, what colour", "images": [_image(5, 60, 80)]},
                 {"prompt": "hi", "images": []},
                 {"prompt": "<image> and <image> how many", "images": [_image(6, 30, 90), _image(7, 50, 50)]}]
-    ours, num_compiled = _compiled_tokens(folder, requests, 16, block_size=4, num_blocks=256)
-    assert num_compiled >= 15
+    ours, num_compiled = _compiled_tokens(folder, requests, [16] * 3, block_size=4, num_blocks=256)
+    assert num_compiled == 15
     processor = AutoProcessor.from_pretrained(folder)
     hf = Gemma4UnifiedForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
@@ -90,4 +92,7 @@ def test_the_server_flag(tiny_checkpoint):
 
     assert engine_config(build_parser().parse_args(["serve", "--model", str(tiny_checkpoint),
                                                     "--compile-decode"])).compile_decode
-    assert not engine_config(build_parser().parse_args(["serve", "--model", str(tiny_checkpoint)])).compile_decode
+    default = engine_config(build_parser().parse_args(["serve", "--model", str(tiny_checkpoint)]))
+    assert not default.compile_decode and default.pack_linears
+    assert not engine_config(build_parser().parse_args(["serve", "--model", str(tiny_checkpoint),
+                                                        "--no-pack-linears"])).pack_linears

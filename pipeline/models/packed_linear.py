@@ -1,10 +1,11 @@
 """oneDNN's prepacked float32 GEMM for the CPU linears of steps with many rows.
 
-torch's ``F.linear`` on CPU is MKL's sgemm, which on this project's AMD EPYC (AVX2) runs prefill and
-batched-decode shapes (16 to a few hundred rows against hidden 512 / 2048) 1.1-1.3x slower than oneDNN
-with its weights reordered once into its own blocked layout (``benchmarks/linear.py``); vLLM's CPU backend
-runs every linear that way. For one to a few rows MKL is the faster of the two, so a ``PackedLinear``
-keeps both: the original weight for steps under ``min_rows`` rows, the packed copy for the rest. The price
+torch's ``F.linear`` on CPU is MKL's sgemm, which on this project's AMD EPYC (AVX2, one thread) runs
+batched-decode and prefill shapes against hidden 512 / 2048 slower than oneDNN with its weights reordered
+once into its own blocked layout: 1.4-1.8x at 4-8 rows, 1.1-1.3x at 16-170, 1.0-1.1x at 2048
+(``benchmarks/linear.py``); vLLM's CPU backend runs every linear that way. At one or two rows MKL is the
+faster (2x at one), so a ``PackedLinear`` keeps both: the original weight for steps under ``min_rows`` rows,
+the packed copy for the rest. The price
 is a second copy of each linear weight in memory (``EngineConfig.pack_linears=False`` keeps only one).
 Results equal ``F.linear``'s up to float32 rounding (the summation order differs).
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_ROWS = 16
+MIN_ROWS = 4
 
 
 def available() -> bool:
