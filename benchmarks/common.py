@@ -24,6 +24,20 @@ def bench_checkpoint(target_size: int = 256, **overrides) -> Path:
                            **{**BENCH_MODEL, **overrides})
 
 
+# the benchmark Gemma 4 Unified for the vs-vLLM run: samples/random_gemma4_unified.py's BENCH_TEXT body (hidden
+# 512, 8 layers, 8 heads over 4 KV heads, intermediate 2048) with the vocabulary cut to the power of two that
+# holds its 400-token tokenizer; images at the family's default 280-soft-token budget
+BENCH_GEMMA4_VOCAB_SIZE = 512
+
+
+def bench_gemma4_checkpoint(**overrides) -> Path:
+    """The benchmark Gemma 4 Unified (seed 0) in a new temporary folder; ``overrides`` change its text config."""
+    from samples.random_gemma4_unified import make_bench_checkpoint
+
+    folder = Path(tempfile.mkdtemp(prefix="fusionserve-bench-gemma4-"))
+    return make_bench_checkpoint(folder, **{"vocab_size": BENCH_GEMMA4_VOCAB_SIZE, **overrides})
+
+
 def time_it(fn, repeat: int, warmup: int = 2) -> float:
     """Median seconds of ``fn()`` over ``repeat`` runs after ``warmup``."""
     for _ in range(warmup):

