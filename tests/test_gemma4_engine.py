@@ -1,5 +1,6 @@
 """Gemma 4 Unified through the engine: continuous batching, chunked prefill (image runs scheduled whole),
-preemption and prefix-cache hits each give the same greedy tokens as single runs, which equal transformers'."""
+preemption and prefix-cache hits each give the same greedy tokens as single runs, which equal transformers'; a
+checkpoint with causal media (use_bidirectional_attention null) equals transformers' on both CPU backends."""
 from __future__ import annotations
 
 import random
@@ -112,3 +113,49 @@ def test_a_chat_answer_ends_at_the_end_of_its_turn(folder):
     pipe = Pipeline.from_pretrained(str(folder), num_blocks=64)
     turn_end = pipe.tokenizer.tokenizer.token_to_id("<turn|>")
     assert {pipe.tokenizer.eos_token_id, turn_end} <= pipe.engine.eos_token_ids  # generation_config.json's list
+
+
+@pytest.fixture(scope="module")
+def causal_folder(tmp_path_factory):
+    """text_config.use_bidirectional_attention = null: every layer causal, inside media runs too."""
+    return make_checkpoint(tmp_path_factory.mktemp("gemma4-causal"), seed=3, use_bidirectional_attention=None)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_causal_media_checkpoint_matches_transformers(causal_folder, backend):
+    """A checkpoint with causal media: through the engine (prefill chunks that may now split an image) each
+    request, with images and audio, gives transformers' greedy tokens; its prompts have no bidirectional runs."""
+    import json
+
+    from transformers import AutoProcessor, Gemma4UnifiedForConditionalGeneration
+
+    from pipeline.attention.cpu_kernel import available
+
+    if backend == "cpu" and not available():
+        pytest.skip("the C++ op did not build here")
+    assert json.loads((causal_folder / "config.json").read_text())["text_config"]["use_bidirectional_attention"] \
+        is None
+    wave = np.random.default_rng(10).standard_normal(3000).astype(np.float32)
+    requests = [{"prompt": "look <image> at it, what colour", "images": [_image(5)]},
+                {"prompt": "<image> and <image> how many", "images": [_image(6), _image(7)]},
+                {"prompt": "hear <audio> and see <image>", "images": [_image(8)], "audios": [wave]},
+                {"prompt": "what is <audio> this", "audios": [wave[:2000]]}]
+    pipe = Pipeline.from_pretrained(str(causal_folder), attention_backend=backend, block_size=4, num_blocks=256,
+                                    max_num_batched_tokens=32)
+    assert pipe.engine.runner.backend.name == backend
+    outs = [o.token_ids for o in pipe.generate(requests, _greedy())]
+    processor = AutoProcessor.from_pretrained(causal_folder)
+    hf = Gemma4UnifiedForConditionalGeneration.from_pretrained(causal_folder, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    for request, ours in zip(requests, outs):
+        text = request["prompt"].replace("<image>", "<|image|>").replace("<audio>", "<|audio|>")
+        kwargs = {"images": [request["images"]]} if request.get("images") else {}
+        if request.get("audios"):
+            kwargs["audio"] = request["audios"]
+        inputs = processor(text=text, return_tensors="pt", **kwargs)
+        with torch.no_grad():
+            ref = hf.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert ours == ref.tolist(), request["prompt"]
+    for request in requests:  # nothing for the scheduler to keep whole or the attention to widen
+        prompt = pipe.engine.build_prompt(request["prompt"], request.get("images", ()), (), request.get("audios", ()))
+        assert prompt.bidirectional_spans == [], request["prompt"]

@@ -19,8 +19,10 @@ Text between special tokens is encoded as one piece (timestamps merge with the t
 ids equal the tokenizer's on the expanded string.
 
 ``token_types`` (``mm_token_type_ids``): 1 ``<|image|>``, 2 ``<|video|>``, 3 ``<|audio|>``, else 0. With
-``use_bidirectional_attention="vision"`` each maximal run of types 1/2 attends both ways
-(``bidirectional_spans``): one image, or one video frame (split by ``<image|>`` timestamp ``<|image>``).
+``use_bidirectional_attention="vision"`` (``config.json``'s text config; also when it is absent, as in
+transformers) each maximal run of types 1/2 attends both ways (``bidirectional_spans``): one image, or one
+video frame (split by ``<image|>`` timestamp ``<|image>``); audio never does. With ``null`` there are no
+runs: media are attended causally, as transformers' ``get_block_sequence_ids_for_mask`` is then not used.
 ``MediaSpan.content_hash``: SHA-256 over the item's uint8 rows, grids and (x, y) ids (timestamps of a
 video, float32 samples of audio).
 """
@@ -150,14 +152,18 @@ class Gemma4UnifiedLayout:
 
     def __init__(self, tokenizer: Tokenizer, media_config: Gemma4MediaConfig, special: SpecialTokens | None = None,
                  limits: MediaLimits | None = None, video_sampling: VideoSampling | None = None,
-                 max_prompt_tokens: int | None = None, audio_limits: AudioLimits | None = None):
-        """``video_sampling``: only its ``decoder_threads`` is used; which frames comes from the checkpoint."""
+                 max_prompt_tokens: int | None = None, audio_limits: AudioLimits | None = None,
+                 bidirectional_vision: bool = True):
+        """``video_sampling``: only its ``decoder_threads`` is used; which frames comes from the checkpoint.
+        ``bidirectional_vision``: image / video-frame runs attend both ways (``use_bidirectional_attention``
+        ``"vision"``); False: no ``bidirectional_spans`` (``None``, causal media)."""
         check_max_prompt_tokens(max_prompt_tokens)
         self.tokenizer, self.media_config = tokenizer, media_config
         self.special = special or SpecialTokens(tokenizer)
         self.limits, self.audio_limits = limits or MediaLimits(), audio_limits or AudioLimits()
         self.decoder_threads = (video_sampling or VideoSampling()).decoder_threads
         self.max_prompt_tokens = max_prompt_tokens
+        self.bidirectional_vision = bidirectional_vision
         plain = tokenizer.encode("a", add_special_tokens=False).ids
         full = tokenizer.encode("a", add_special_tokens=True).ids
         self.prefix_ids = full[: len(full) - len(plain)]  # [<bos>] for Gemma's post-processor
@@ -172,6 +178,9 @@ class Gemma4UnifiedLayout:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         config_path = folder / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if (folder / "config.json").is_file():
+            text_config = json.loads((folder / "config.json").read_text()).get("text_config") or {}
+            kw.setdefault("bidirectional_vision", text_config.get("use_bidirectional_attention", "vision") == "vision")
         return cls(tokenizer, Gemma4MediaConfig.from_pretrained(folder), SpecialTokens.from_config(tokenizer, config),
                    **kw)
 
@@ -263,7 +272,7 @@ class Gemma4UnifiedLayout:
             types[start:end] = [self.soft_types.get(t, 0) for t in ids[start:end]]
         vision_pos = [i for i, t in enumerate(types) if t in (1, 2)]
         runs: list[tuple[int, int]] = []
-        for i in vision_pos:
+        for i in vision_pos if self.bidirectional_vision else ():
             if runs and runs[-1][1] == i:
                 runs[-1] = (runs[-1][0], i + 1)
             else:
