@@ -5,8 +5,9 @@ linear is torch's ``F.linear``), ``packed`` (the default: oneDNN-packed linears 
 ``pipeline/models/packed_linear.py``) and ``packed + compiled`` (``compile_decode=True``: batches 1-3 of
 decode through torch.compile, ``pipeline/compiled_decode.py``; its compile time is printed). Per round and
 variant: batch-1 TTFT (a 192x192 image prompt, ``max_tokens=1``), batch-1 decode ms per token (a 65-token
-answer less the TTFT, over 64) and the 64-request workload of ``benchmarks.throughput`` (output tok/s), with
-how many of the 64 outputs equal the first variant's.
+answer less the TTFT, over 64) and the 64-request workload of ``benchmarks.throughput`` (output tok/s; new
+images every round, so no variant finds them in its prefix cache), with how many outputs equal the first
+variant's.
 
     .venv/bin/python -m benchmarks.cpu_variants [--threads 2] [--rounds 2] [--requests 64]
 """
@@ -40,9 +41,11 @@ def main() -> None:
         start = time.perf_counter()
         pipes[name] = Pipeline.from_pretrained(str(folder), keep_freed_memory=True, **options)
         print(f"{name}: loaded in {time.perf_counter() - start:.1f} s", flush=True)
-    workload = make_requests(args.requests)
-    items = [{"prompt": text, "images": [image]} for text, image, _ in workload]
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, _, n in workload]
+
+    def workload(seed: int):
+        requests = make_requests(args.requests, seed=seed)
+        return ([{"prompt": text, "images": [image]} for text, image, _ in requests],
+                [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, _, n in requests])
 
     def image(seed: int):
         return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (192, 192, 3), dtype=np.uint8))
@@ -60,8 +63,9 @@ def main() -> None:
     for pipe in pipes.values():
         pipe.generate(warmup, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     figures = {name: [] for name in pipes}
-    reference = None
     for round_ in range(args.rounds):
+        items, params = workload(100 + round_)
+        reference = None
         for k, (name, pipe) in enumerate(pipes.items()):  # images new to every call: no prefix-cache hits
             ttft, decode = batch1(pipe, 1000 * round_ + 10 * k)
             start = time.perf_counter()
