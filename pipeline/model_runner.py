@@ -196,12 +196,11 @@ class ModelRunner:
         """Logits [N, V] of the last new token of each chunk that ``needs_logits`` (or [T, V] for every new
         token); [0, V] when no chunk samples (the LM head does not run)."""
         step = self.prepare(chunks, all_logits)
-        if (self.graphs is not None and not all_logits and step.media is None
-                and len(step.logits_indices) == len(chunks) and self.graphs.can_run(step.meta)):
-            return self.graphs.run(step.input_ids, step.positions, step.meta)  # decode only, no media rows
-        if (self.compiled is not None and not all_logits and step.media is None
-                and len(step.logits_indices) == len(chunks) and self.compiled.can_run(step.meta)):
-            return self.compiled.run(step.input_ids, step.positions, step.meta)
+        # every chunk samples its one row and no media rows: a decode step the graphs or the compile may run
+        plain = not all_logits and step.media is None and len(step.logits_indices) == len(chunks)
+        for fast in (self.graphs, self.compiled):
+            if plain and fast is not None and fast.can_run(step.meta):
+                return fast.run(step.input_ids, step.positions, step.meta)
         with self.ctx.step(step.meta):
             hidden = self.model(step.input_ids, step.positions, step.media)
         return self.model.compute_logits(hidden.index_select(0, step.logits_indices))
