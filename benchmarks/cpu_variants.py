@@ -1,9 +1,9 @@
 """The CPU engine's two speed options against its plain eager path, in one process, taking turns.
 
 Variants of the benchmark Fuyu (float32, cpu attention backend): ``eager, MKL`` (``pack_linears=False``: every
-linear is torch's ``F.linear``), ``packed`` (the default: oneDNN-packed linears from 4 rows,
-``pipeline/models/packed_linear.py``) and ``packed + compiled`` (``compile_decode=True``: batches 1-3 of
-decode through torch.compile, ``pipeline/compiled_decode.py``; its compile time is printed). Per round and
+linear is torch's ``F.linear``), ``packed`` (the default, ``pipeline/models/packed_linear.py``: the few-row C++
+linear up to 8 rows, oneDNN-packed linears above) and ``packed + compiled`` (``compile_decode=True``: every
+decode-only step through torch.compile, ``pipeline/compiled_decode.py``; its compile time is printed). Per round and
 variant: batch-1 TTFT (a 192x192 image prompt, ``max_tokens=1``), batch-1 decode ms per token (a 65-token
 answer less the TTFT, over 64) and the 64-request workload of ``benchmarks.throughput`` (output tok/s; new
 images every round, so no variant finds them in its prefix cache), with how many outputs equal the first

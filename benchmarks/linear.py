@@ -1,20 +1,28 @@
-"""The CPU linear kernels: torch's ``F.linear`` (MKL sgemm) against oneDNN with a prepacked weight
-(``pipeline/models/packed_linear.py``), on the benchmark model's shapes, alternating in one run.
+"""The CPU linear kernels on the benchmark model's shapes, alternating in one run: torch's ``F.linear`` (MKL
+sgemm), oneDNN with a prepacked weight and, up to 8 rows, our few-row op ``fusionserve::small_linear``
+(``pipeline/models/packed_linear.py``, ``pipeline/models/csrc/small_linear_cpu.cpp``).
 
-Rows: 1 (batch-1 decode), 8, 16, 64 (batched decode), 170 (one image prompt), 2048 (a full prefill step);
-weights: hidden 512 -> 1536 (fused QKV), 512 -> 2048 and 2048 -> 512 (the MLP). Median of ``--repeat``
-timings of ``--calls`` calls each, the two kernels taking turns.
+Rows: 1-8 (decode batches), 16, 64 (batched decode), 170 (one image prompt), 2048 (a full prefill step);
+weights: hidden 512 -> 1536 (fused QKV), 512 -> 2048 and 2048 -> 512 (the MLP). Each call takes the next of
+enough copies of the weight to fill ``--weights-mib`` (default 96: more than the last-level cache, as the
+model's 100 MB of linears are), so the weights come from memory as they do in a step; ``--weights-mib 0``
+times one hot weight instead. Median of ``--repeat`` timings of about ``--budget-ms`` each, the kernels
+taking turns.
 
-    .venv/bin/python -m benchmarks.linear [--threads 1] [--rows 1,8,16,64,170,2048] [--repeat 7]
+    .venv/bin/python -m benchmarks.linear [--threads 2] [--rows 1,2,4,8,16,64,170,2048] [--repeat 7]
+                                          [--weights-mib 96]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.models.packed_linear import SMALL_MAX_ROWS, load_small_linear
 
 SHAPES = ((512, 1536), (512, 2048), (2048, 512))  # (in, out)
 
@@ -28,31 +36,46 @@ def per_call_ms(fn, calls: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--rows", default="1,8,16,64,170,2048")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,2,4,8,16,64,170,2048")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--budget-ms", type=float, default=40.0, help="about this long per timing")
+    p.add_argument("--weights-mib", type=float, default=96.0, help="distinct weight copies cycled through")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, torch {torch.__version__}, float32; ms per call, median of {args.repeat}")
-    print("| rows | in -> out | MKL (F.linear) | oneDNN packed | oneDNN speed-up | max abs diff |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    small = load_small_linear()
+    print(f"threads {args.threads}, torch {torch.__version__}, float32, weights from "
+          f"{f'{args.weights_mib:g} MiB of copies' if args.weights_mib else 'one hot copy'}; ms per call, median "
+          f"of {args.repeat}; few-row op {'built' if small else 'not built'}")
+    print("| rows | in -> out | MKL (F.linear) | oneDNN packed | few-row op | best vs MKL | max abs diff |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     gen = torch.Generator().manual_seed(0)
     for rows in (int(r) for r in args.rows.split(",")):
         for k, n in SHAPES:
             x = torch.randn(rows, k, generator=gen)
-            w, b = torch.randn(n, k, generator=gen) / k ** 0.5, torch.randn(n, generator=gen)
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 64)
-            mkl = lambda: F.linear(x, w, b)  # noqa: E731
-            dnn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")  # noqa: E731
-            diff = (mkl() - dnn()).abs().max().item()
-            calls = max(1, int(args.budget_ms / max(per_call_ms(mkl, 2), 1e-3)))
-            a, c = [], []
+            copies = max(1, int(args.weights_mib * 2**20 // (4 * k * n)))
+            ws = [torch.randn(n, k, generator=gen) / k ** 0.5 for _ in range(copies)]
+            b = torch.randn(n, generator=gen)
+            packs = [torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in ws]
+            nxt = {name: itertools.cycle(range(copies)) for name in ("mkl", "dnn", "small")}
+            kernels = {
+                "mkl": lambda: F.linear(x, ws[next(nxt["mkl"])], b),
+                "dnn": lambda: torch.ops.mkldnn._linear_pointwise(x, packs[next(nxt["dnn"])], b, "none", [], ""),
+            }
+            if small is not None and rows <= SMALL_MAX_ROWS:
+                kernels["small"] = lambda: small(x, ws[next(nxt["small"])], b)
+            ref = F.linear(x, ws[0], b)
+            diff = max((torch.ops.mkldnn._linear_pointwise(x, packs[0], b, "none", [], "") - ref).abs().max().item(),
+                       (small(x, ws[0], b) - ref).abs().max().item() if "small" in kernels else 0.0)
+            calls = max(1, int(args.budget_ms / max(per_call_ms(kernels["mkl"], 2), 1e-3)))
+            times: dict[str, list[float]] = {name: [] for name in kernels}
             for _ in range(args.repeat):
-                a.append(per_call_ms(mkl, calls))
-                c.append(per_call_ms(dnn, calls))
-            ma, mc = statistics.median(a), statistics.median(c)
-            print(f"| {rows} | {k} -> {n} | {ma:.3f} | {mc:.3f} | {ma / mc:.2f}x | {diff:.1e} |", flush=True)
+                for name, fn in kernels.items():
+                    times[name].append(per_call_ms(fn, calls))
+            ms = {name: statistics.median(t) for name, t in times.items()}
+            cells = " | ".join(f"{ms[name]:.3f}" if name in ms else "" for name in ("mkl", "dnn", "small"))
+            print(f"| {rows} | {k} -> {n} | {cells} | {ms['mkl'] / min(ms.values()):.2f}x | {diff:.1e} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,12 @@ around the linears into generated C++ loops; the paged attention stays one call 
 C++ op, which the trace sees through its fake (shape-only) implementation (``attention/cpu_kernel.py``).
 
 Only decode-only steps without media run compiled (every sequence adds one token): prefill chunks, media
-rows and ``all_logits`` steps run eager, as the CUDA graphs leave them. With packed linears
-(``models/packed_linear.py``) only batches below its ``MIN_ROWS`` (1-3) do, the ones where MKL is the faster
-GEMM and dispatch the largest share; from 4 rows oneDNN's packed GEMM (eager, which the trace does not take)
-gains more than the compile would. Two graphs cover every batch size:
-inductor specializes size 1, so batch 1 has its own, and one graph with a symbolic batch size serves the
-rest. Both are compiled at load time by ``warm_up`` on dummy decodes that write only into block 0 of the
-still-empty pool, so no request pays a compile; inductor's on-disk cache makes later starts cheaper.
+rows and ``all_logits`` steps run eager, as the CUDA graphs leave them. The linears inside are the packed
+ones of ``models/packed_linear.py`` (the few-row C++ op, oneDNN through an op that takes the packed weight's
+handle) or plain ``F.linear``. A graph has a symbolic batch size; inductor specializes size 1, so batch 1 has
+its own, and each row count where the linears change kernel starts another (with packed linears: batch 1,
+2-8, 9 and up). All are compiled at load time by ``warm_up`` on dummy decodes that write only into block 0
+of the still-empty pool, so no request pays a compile; inductor's on-disk cache makes later starts cheaper.
 """
 from __future__ import annotations
 
@@ -31,9 +30,15 @@ COMPILABLE_BACKENDS = ("cpu",)  # its op has a fake implementation; the torch pa
 
 
 class CompiledDecode:
-    def __init__(self, model: CausalLM, ctx: StepContext, block_size: int, max_batch: int):
-        """``max_batch``: the largest batch it runs."""
+    def __init__(self, model: CausalLM, ctx: StepContext, block_size: int, max_batch: int,
+                 thresholds: set[int] = frozenset()):
+        """``max_batch``: the largest batch it runs; ``thresholds``: the batch sizes from which the model's
+        linears take another kernel (``packed_linear.row_thresholds``)."""
         self.model, self.ctx, self.block_size, self.max_batch = model, ctx, block_size, max_batch
+        # two sizes per graph: the first compiles it, the second checks the symbolic batch serves it
+        self.warm_batches = sorted(b for t in {2, *thresholds} for b in (t, t + 1) if b <= max_batch) or [1]
+        if 1 not in self.warm_batches:
+            self.warm_batches.insert(0, 1)
         self.fn = torch.compile(self._step, dynamic=True, fullgraph=True)
 
     def _step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -51,17 +56,17 @@ class CompiledDecode:
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compiles the batch-1 graph and the symbolic-batch graph (batch 2, then 3 to check it is reused);
-        call before the pool holds anything: the dummy tokens' K/V go to block 0, which no sequence has yet.
+        """Compiles the batch-1 graph and the symbolic-batch graphs (at each graph's first two sizes); call
+        before the pool holds anything: the dummy tokens' K/V go to block 0, which no sequence has yet.
         Returns the seconds it took."""
         start = time.perf_counter()
         # no duck sizing: sizes that happen to be equal here (a batch + 1 and a block-table width) must not
         # become one symbol, or a later step where they differ would compile again
         with shape_config.patch(use_duck_shape=False):
-            for batch in sorted({1, min(2, self.max_batch), min(3, self.max_batch)}):
+            for batch in self.warm_batches:
                 meta = AttentionMetadata.build([1] * batch, [1] * batch, [[0, 0]] * batch, self.block_size)
                 ids = torch.zeros(batch, dtype=torch.long)
                 self.run(ids, torch.zeros(batch, dtype=torch.long), meta)
         seconds = time.perf_counter() - start
-        logger.info("decode step compiled in %.1f s", seconds)
+        logger.info("decode step compiled in %.1f s (batches %s)", seconds, self.warm_batches)
         return seconds

@@ -29,7 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # CUDA only; () disables
-    pack_linears: bool = True  # CPU float32: oneDNN prepacked GEMM for steps of >= 4 rows (a second weight copy)
+    pack_linears: bool = True  # CPU fp32: few-row C++ linear up to 8 rows, oneDNN packed GEMM above (2nd weight copy)
     compile_decode: bool = False  # CPU, cpu attention backend: torch.compile the decode step (at load, ~1 min)
     seed: int = 0  # the engine's own generator, for requests without a seed (the process's RNG is left alone)
     keep_freed_memory: bool = False  # CPU: glibc keeps freed memory in its heap (mallopt: the whole process)

@@ -75,8 +75,8 @@ class ModelRunner:
         self.ctx = StepContext(None)  # this runner's step: never shared with another engine
         self.model: CausalLM = get_family(config.model).load_model(config.model, self.ctx, self.device, self.dtype)
         self.args = getattr(self.model, "args", None)
-        packed = (config.pack_linears and self.device.type == "cpu" and packed_linear.available()
-                  and packed_linear.pack_linears(self.model) > 0)
+        if config.pack_linears and self.device.type == "cpu" and packed_linear.available():
+            packed_linear.pack_linears(self.model)
         self.layers = self.model.attention_layers()
         # the backend that can serve every layer (head dims, sliding windows, bidirectional runs)
         self.ctx.backend = self.backend = get_backend(
@@ -117,9 +117,8 @@ class ModelRunner:
             if self.backend.name not in COMPILABLE_BACKENDS:
                 raise ValueError(f"compile_decode needs the cpu attention backend (its C++ op), not "
                                  f"{self.backend.name!r}")
-            # packed linears: batches from MIN_ROWS up are GEMM-bound and run eager on oneDNN's kernels
-            max_batch = min(config.max_num_seqs, packed_linear.MIN_ROWS - 1 if packed else config.max_num_seqs)
-            self.compiled = CompiledDecode(self.model, self.ctx, self.block_size, max_batch)
+            self.compiled = CompiledDecode(self.model, self.ctx, self.block_size, config.max_num_seqs,
+                                           packed_linear.row_thresholds(self.model))
             self.compiled.warm_up()  # the pool is empty: its dummy K/V land in a block no sequence holds yet
         logger.info("KV pool: %d blocks of %d tokens (%.1f MiB), backend %s", self.num_blocks, self.block_size,
                     self.num_blocks * self.bytes_per_block / 2**20, self.backend.name)

@@ -27,9 +27,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     p.add_argument("--no-chunked-prefill", action="store_true", help="disable chunked prefill")
     p.add_argument("--no-pack-linears", action="store_true",
-                   help="CPU: one copy of each linear weight (MKL's GEMM only; slower batches, less memory)")
+                   help="CPU: one copy of each linear weight (MKL's GEMM only; slower steps, less memory)")
     p.add_argument("--compile-decode", action="store_true",
-                   help="CPU: torch.compile the decode step at start (about 0.5-1.5 min; faster small batches)")
+                   help="CPU: torch.compile the decode step at start (about 1-2.5 min; faster decode steps)")
 
 
 def engine_config(args: argparse.Namespace):

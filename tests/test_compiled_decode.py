@@ -1,8 +1,8 @@
 """``compile_decode``: the decode step through torch.compile on CPU (``pipeline/compiled_decode.py``).
 
 Greedy tokens against transformers' own models (the random Fuyu of conftest.py and a random Gemma 4 Unified),
-with recompiles turned into errors after the warm-up: the two graphs compiled at load serve every batch
-size and block-table width the requests reach.
+with recompiles turned into errors after the warm-up: the graphs compiled at load (batch 1; 2-8, the few-row
+linear; 9 and up, oneDNN's packed GEMM) serve every batch size and block-table width the requests reach.
 """
 from __future__ import annotations
 
@@ -33,19 +33,19 @@ def _compiled_tokens(folder, requests, max_tokens: list[int], **options) -> tupl
         outs = pipe.generate(requests, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
                                         for n in max_tokens])
     assert sorted(set(calls)) != [1], "batches of several sequences ran compiled too"
-    return [o.token_ids for o in outs], len(calls)
+    return [o.token_ids for o in outs], calls
 
 
 def test_fuyu_greedy_tokens_equal_transformers(tiny_checkpoint, hf_model, hf_processor):
     from PIL import Image
 
-    images = [Image.fromarray(_image(i, 30 + 7 * i, 50 - 5 * i)) for i in range(4)]
-    prompts = ["What is this?", "Describe it", "a", "and what colour is the thing on the left"]
-    # different prompt and answer lengths: the batch shrinks 4 -> 1 as answers end (batch 4 runs eager)
-    lengths = [12, 3, 7, 1]
+    images = [Image.fromarray(_image(i, 30 + 3 * i, 50 - 2 * i)) for i in range(12)]
+    prompts = ["What is this?", "Describe it", "a", "and what colour is the thing on the left"] * 3
+    # different prompt and answer lengths: the batch shrinks 12 -> 1 as answers end, through all three graphs
+    lengths = [13, 3, 7, 1, 9, 5, 11, 2, 10, 4, 8, 6]
     requests = [{"prompt": p, "images": [im]} for p, im in zip(prompts, images)]
-    ours, num_compiled = _compiled_tokens(tiny_checkpoint, requests, lengths, num_blocks=64, block_size=8)
-    assert num_compiled == max(lengths) - 1
+    ours, calls = _compiled_tokens(tiny_checkpoint, requests, lengths, num_blocks=512, block_size=8)
+    assert len(calls) == max(lengths) - 1 and max(calls) == 11 and min(calls) == 1
     for prompt, image, tokens, n in zip(prompts, images, ours, lengths):
         inputs = hf_processor(images=image, text=prompt, return_tensors="pt", return_legacy_image_output=False)
         with torch.no_grad():
@@ -64,8 +64,8 @@ def test_gemma4_unified_greedy_tokens_equal_transformers(tmp_path):
     requests = [{"prompt": "look <image> at it, what colour", "images": [_image(5, 60, 80)]},
                 {"prompt": "hi", "images": []},
                 {"prompt": "<image> and <image> how many", "images": [_image(6, 30, 90), _image(7, 50, 50)]}]
-    ours, num_compiled = _compiled_tokens(folder, requests, [16] * 3, block_size=4, num_blocks=256)
-    assert num_compiled == 15
+    ours, calls = _compiled_tokens(folder, requests, [16] * 3, block_size=4, num_blocks=256)
+    assert len(calls) == 15
     processor = AutoProcessor.from_pretrained(folder)
     hf = Gemma4UnifiedForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None

@@ -200,6 +200,16 @@ def test_choice_and_refusals():
         resolve_backend_name("cpu", "cuda")
 
 
+def run_without_a_compiler(script: str, bin_dir, extensions_dir) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python whose PATH is ``bin_dir``, a C++ compiler that does not exist and an empty
+    extension folder (nothing built yet); asserts it exited 0."""
+    env = {**os.environ, "PATH": str(bin_dir), "TORCH_EXTENSIONS_DIR": str(extensions_dir), "CXX": "no-such-c++"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr
+    return run
+
+
 def test_without_a_compiler_auto_is_the_torch_path_with_one_warning(tmp_path):
     """A fresh extension folder and no compiler: 'auto' logs one warning and serves with torch; 'cpu' by name is a
     ValueError."""
@@ -211,10 +221,7 @@ def test_without_a_compiler_auto_is_the_torch_path_with_one_warning(tmp_path):
         "assert get_backend('auto', 'cpu').name == 'torch'\n"
         "assert get_backend(None, 'cpu').name == 'torch'\n"
         "try:\n    get_backend('cpu', 'cpu')\nexcept ValueError as e:\n    print('refused:', e)\n")
-    env = {**os.environ, "PATH": str(bin_dir), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "CXX": "no-such-c++"}
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert run.returncode == 0, run.stderr
+    run = run_without_a_compiler(script, bin_dir, tmp_path / "ext")
     assert run.stderr.count("CPU paged attention op unavailable, using the torch attention path") == 1, run.stderr
     assert "refused:" in run.stdout and "did not build" in run.stdout
 

@@ -1,12 +1,13 @@
-"""The C++ paged attention op (``csrc/paged_attention_cpu.cpp``) as ``torch.ops.fusionserve.paged_attention``.
+"""The C++ CPU ops, built on first use: the paged attention op (``csrc/paged_attention_cpu.cpp``) as
+``torch.ops.fusionserve.paged_attention``, and the few-row linear of ``models/packed_linear.py``
+(``models/csrc/small_linear_cpu.cpp``) as ``torch.ops.fusionserve.small_linear``.
 
-Built on first use by ``torch.utils.cpp_extension.load`` (ninja + the C++ compiler; ``-O3``, AVX2/FMA when
+Each source is built by ``torch.utils.cpp_extension.load`` (ninja + the C++ compiler; ``-O3``, AVX2/FMA when
 torch reports this CPU has them, OpenMP through ``at::parallel_for``) into a folder of torch's extension root
 (``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``) named by a hash of the source, the flags, torch's
 and Python's versions; a later process that finds the library there loads it with ``torch.ops.load_library``
-(no compiler, no ninja). ``make setup`` builds it ahead (``python -m pipeline.attention.cpu_kernel``). A failed
-build (no compiler, no ninja) is one logged warning and ``load_op()`` returns None: the caller uses the torch
-path.
+(no compiler, no ninja). ``make setup`` builds both ahead (``python -m pipeline.attention.cpu_kernel``). A failed
+build (no compiler, no ninja) is one logged warning and the loader returns None: the caller uses its torch path.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
+STEM = "fusionserve_paged_attention"
 _lock = threading.Lock()
 
 
@@ -36,12 +38,12 @@ def _flags(isa: str) -> list[str]:
     return ["-O3", "-fopenmp", "-DNDEBUG"] + (["-mavx2", "-mfma"] if isa == "avx2" else [])
 
 
-def build_directory() -> tuple[str, Path]:
+def build_directory(source: Path = SOURCE, stem: str = STEM) -> tuple[str, Path]:
     """(library name, folder) of the build for this source, CPU, torch and Python."""
     isa = _isa()
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256(source.read_bytes())
     key.update(" ".join([*_flags(isa), torch.__version__, sys.version]).encode())
-    name = f"fusionserve_paged_attention_{isa}_{key.hexdigest()[:12]}"
+    name = f"{stem}_{isa}_{key.hexdigest()[:12]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser(
         ) / "torch_extensions"
     return name, Path(root) / name
@@ -60,10 +62,10 @@ def _ninja_dir() -> str | None:
         return str(here) if (here / "ninja").exists() else None
 
 
-def _build() -> Path:
+def _build(source: Path, stem: str) -> Path:
     """The built library's path, building it first when it is not there (in a private folder, then moved into
     place: a process starting beside a build never loads a half-written file)."""
-    name, folder = build_directory()
+    name, folder = build_directory(source, stem)
     library = folder / f"{name}.so"
     if library.exists():
         return library
@@ -82,11 +84,11 @@ def _build() -> Path:
             warnings.simplefilter("always")
             from torch.utils import cpp_extension
 
-            logger.info("building the CPU paged attention op in %s", folder)
-            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_flags(isa), extra_ldflags=["-fopenmp"],
+            logger.info("building %s in %s", source.name, folder)
+            cpp_extension.load(name=name, sources=[str(source)], extra_cflags=_flags(isa), extra_ldflags=["-fopenmp"],
                                build_directory=str(work), is_python_module=False)  # loads it too
         for w in caught:
-            logger.info("building the CPU paged attention op: %s", w.message)
+            logger.info("building %s: %s", source.name, w.message)
         os.replace(work / library.name, library)
     finally:
         quiet.setLevel(level)
@@ -96,7 +98,27 @@ def _build() -> Path:
     return library
 
 
-_loaded: dict[str, object] = {}  # "op": the op, or None once it failed
+_loaded: dict[str, object] = {}  # library stem: its op, or None once it failed
+
+
+def load_library(source: Path, stem: str, op_name: str, register_fake, what: str, fallback: str):
+    """``torch.ops.fusionserve.<op_name>`` from ``source``, built and loaded once per process, with its fake
+    (shape-only) implementation registered for ``torch.compile``; None when it cannot be (tried once: the
+    warning names the op, ``what``, and ``fallback``, what serves instead)."""
+    with _lock:
+        if stem not in _loaded:
+            try:
+                library = _build(source, stem)
+                if not hasattr(torch.ops.fusionserve, op_name):
+                    torch.ops.load_library(str(library))
+                _loaded[stem] = getattr(torch.ops.fusionserve, op_name)
+                register_fake()
+            except Exception as exc:  # no compiler or ninja, a build error: the fallback serves instead
+                _loaded[stem] = None
+                text = " ".join(str(exc).split())  # a build error: its head and the compiler's last words
+                reason = text if len(text) <= 400 else f"{text[:90]} ... {text[-300:]}"
+                logger.warning("%s unavailable, using %s: %s", what, fallback, reason)
+        return _loaded[stem]
 
 
 def _register_fake() -> None:
@@ -109,22 +131,9 @@ def _register_fake() -> None:
 
 
 def load_op():
-    """``torch.ops.fusionserve.paged_attention``, built and loaded once per process; None when it cannot be
-    (tried once: the warning says why)."""
-    with _lock:
-        if "op" not in _loaded:
-            try:
-                library = _build()
-                if not hasattr(torch.ops.fusionserve, "paged_attention"):
-                    torch.ops.load_library(str(library))
-                _loaded["op"] = torch.ops.fusionserve.paged_attention
-                _register_fake()
-            except Exception as exc:  # no compiler or ninja, a build error: the torch path serves instead
-                _loaded["op"] = None
-                text = " ".join(str(exc).split())  # a build error: its head and the compiler's last words
-                reason = text if len(text) <= 400 else f"{text[:90]} ... {text[-300:]}"
-                logger.warning("CPU paged attention op unavailable, using the torch attention path: %s", reason)
-        return _loaded["op"]
+    """``torch.ops.fusionserve.paged_attention``; None when it cannot be built here."""
+    return load_library(SOURCE, STEM, "paged_attention", _register_fake, "CPU paged attention op",
+                        "the torch attention path")
 
 
 def available() -> bool:
@@ -132,6 +141,10 @@ def available() -> bool:
 
 
 if __name__ == "__main__":  # make setup: build ahead so a first request does not pay the compile
+    from pipeline.models import packed_linear
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print("fusionserve: CPU paged attention op", "built in " + str(build_directory()[1]) if available()
           else "not built: the torch attention path serves on CPU")
+    print("fusionserve: CPU small-batch linear op", "built in " + str(packed_linear.build_directory()[1])
+          if packed_linear.load_small_linear() else "not built: F.linear serves 1-8 rows")
