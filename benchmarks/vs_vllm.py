@@ -603,7 +603,8 @@ def main() -> int:
           f"({args.threads}); vLLM VLLM_CPU_OMP_THREADS_BIND=0-{args.threads - 1}, "
           f"VLLM_CPU_KVCACHE_SPACE={args.kv_cache_gib}); max_num_seqs {MAX_NUM_SEQS}, "
           f"max_num_batched_tokens {MAX_NUM_BATCHED_TOKENS}, float32; ours "
-          f"{'with compile_decode' if args.ours_compile else 'eager'}, linears packed for oneDNN")
+          f"{'with compile_decode' if args.ours_compile else 'eager'}, linears: the few-row op to 8 rows, "
+          "oneDNN packed above")
     work = Path(tempfile.mkdtemp(prefix="fusionserve-vs-vllm-"))
     folder = bench_folder(args.family)
     models = {"ours": folder, "vllm": work / "checkpoint-vllm"}
