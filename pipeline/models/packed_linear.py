@@ -1,15 +1,16 @@
 """The float32 CPU linears: our few-row kernel for small decode steps, oneDNN's prepacked GEMM for the rest.
 
-torch's ``F.linear`` on CPU is MKL's sgemm, which on this project's AMD EPYC (AVX2) runs batched-decode and
-prefill shapes against hidden 512 / 2048 slower than oneDNN with its weights reordered once into its own
-blocked layout: 1.4-1.8x at 4-8 rows, 1.1-1.3x at 16-170, 1.0-1.1x at 2048 (``benchmarks/linear.py``); vLLM's
-CPU backend runs every linear that way. With 1-8 rows both stream the weight at about half the memory
-bandwidth of two cores, and MKL's two threads barely beat one; ``fusionserve::small_linear``
+torch's ``F.linear`` on CPU is MKL's sgemm, which on this project's AMD EPYC (AVX2, two threads, the weights
+coming from memory as in a model step) runs batched-decode and prefill shapes against hidden 512 / 2048 slower
+than oneDNN with its weights reordered once into its own blocked layout: 1.4-2.0x at 12-16 rows, 1.2-1.5x at
+64 (``benchmarks/linear.py``); vLLM's CPU backend runs every linear that way. With 1-8 rows a linear is a walk
+over its weight, which both read at about half the memory bandwidth of two cores; ``fusionserve::small_linear``
 (``csrc/small_linear_cpu.cpp``, built by ``attention/cpu_kernel.py``) reads it once, in order, split between
-the threads: 1.8x MKL at one row, 2.7x at two, 1.0-1.2x oneDNN's packed GEMM up to 8. So a ``PackedLinear``
-keeps both weights: the original for steps of up to ``SMALL_MAX_ROWS`` rows (that kernel; MKL's ``F.linear``
-under ``min_rows`` when it could not be built), the packed copy for the rest. The price is a second copy of
-each linear weight in memory (``EngineConfig.pack_linears=False`` keeps only one and runs ``F.linear``).
+the threads: 1.5-2.1x MKL at one row, 2.4-3.7x at two to four, even with oneDNN at eight. So a
+``PackedLinear`` keeps both weights: the original for steps of up to ``SMALL_MAX_ROWS`` rows (that kernel;
+MKL's ``F.linear`` under ``min_rows`` when it could not be built), the packed copy for the rest. The price is a
+second copy of each linear weight in memory (``EngineConfig.pack_linears=False`` keeps only one and runs
+``F.linear``).
 Results equal ``F.linear``'s up to float32 rounding (the summation order differs).
 """
 from __future__ import annotations
