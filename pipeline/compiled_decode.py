@@ -36,9 +36,7 @@ class CompiledDecode:
         linears take another kernel (``packed_linear.row_thresholds``)."""
         self.model, self.ctx, self.block_size, self.max_batch = model, ctx, block_size, max_batch
         # two sizes per graph: the first compiles it, the second checks the symbolic batch serves it
-        self.warm_batches = sorted(b for t in {2, *thresholds} for b in (t, t + 1) if b <= max_batch) or [1]
-        if 1 not in self.warm_batches:
-            self.warm_batches.insert(0, 1)
+        self.warm_batches = sorted({1} | {b for t in {2, *thresholds} for b in (t, t + 1) if b <= max_batch})
         self.fn = torch.compile(self._step, dynamic=True, fullgraph=True)
 
     def _step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

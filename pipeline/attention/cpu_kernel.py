@@ -146,5 +146,5 @@ if __name__ == "__main__":  # make setup: build ahead so a first request does no
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print("fusionserve: CPU paged attention op", "built in " + str(build_directory()[1]) if available()
           else "not built: the torch attention path serves on CPU")
-    print("fusionserve: CPU small-batch linear op", "built in " + str(packed_linear.build_directory()[1])
-          if packed_linear.load_small_linear() else "not built: F.linear serves 1-8 rows")
+    print("fusionserve: CPU few-row linear op", "built in " + str(packed_linear.build_directory()[1])
+          if packed_linear.load_small_linear() else "not built: F.linear serves 1-3 rows, oneDNN from 4")
