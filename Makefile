@@ -17,9 +17,9 @@ DYNAMO_ARGS ?=
 
 .PHONY: test test-fast serve setup browser clean bench-vllm bench-vllm-gemma4 tcmalloc dynamo dynamo-up
 
-# the CPU paged attention op (pipeline/attention/csrc/) is built ahead, so a first request does not pay its
-# compile (about 20 s); again here after a change to its source (a no-op when it is built); without a compiler
-# it says so and the torch attention path serves
+# the CPU ops (paged attention in pipeline/attention/csrc/, the few-row linear and GELU-and-multiply in
+# pipeline/models/csrc/) are built ahead, so a first request does not pay their compile (about 20 s each);
+# again here after a change to a source (a no-op when built); without a compiler it says so and torch serves
 setup: $(STAMP)
 	$(BIN)/python -m pipeline.attention.cpu_kernel
 

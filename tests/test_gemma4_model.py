@@ -326,6 +326,18 @@ def test_unknown_and_missing_tensors_are_errors(checkpoint, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="missing.*layers.1.self_attn.k_norm.weight"):
         load_model(tmp_path, StepContext(get_backend("torch", "cpu")))
+    # q, k and v (and gate and up) load into one stacked weight: a missing part is named, and so are all of them
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.language_model.layers.1.self_attn.v_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"layers.1.self_attn.q_proj.weight.*k_proj.weight.*stack to shape.*missing"):
+        load_model(tmp_path, StepContext(get_backend("torch", "cpu")))
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.language_model.layers.2.mlp.gate_proj.weight"]
+    del tensors["model.language_model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing.*layers.2.mlp.gate_up_proj.weight \(stacked from gate_proj/up_proj"):
+        load_model(tmp_path, StepContext(get_backend("torch", "cpu")))
 
 
 @pytest.mark.parametrize("change, message", [

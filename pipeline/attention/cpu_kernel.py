@@ -1,12 +1,13 @@
 """The C++ CPU ops, built on first use: the paged attention op (``csrc/paged_attention_cpu.cpp``) as
-``torch.ops.fusionserve.paged_attention``, and the few-row linear of ``models/packed_linear.py``
-(``models/csrc/small_linear_cpu.cpp``) as ``torch.ops.fusionserve.small_linear``.
+``torch.ops.fusionserve.paged_attention``, the few-row linear of ``models/packed_linear.py``
+(``models/csrc/small_linear_cpu.cpp``) as ``torch.ops.fusionserve.small_linear``, and the gated MLP's GELU of
+``models/gated_activation.py`` (``models/csrc/gelu_and_mul_cpu.cpp``) as ``torch.ops.fusionserve.gelu_tanh_and_mul``.
 
 Each source is built by ``torch.utils.cpp_extension.load`` (ninja + the C++ compiler; ``-O3``, AVX2/FMA when
 torch reports this CPU has them, OpenMP through ``at::parallel_for``) into a folder of torch's extension root
 (``TORCH_EXTENSIONS_DIR``, else ``~/.cache/torch_extensions``) named by a hash of the source, the flags, torch's
 and Python's versions; a later process that finds the library there loads it with ``torch.ops.load_library``
-(no compiler, no ninja). ``make setup`` builds both ahead (``python -m pipeline.attention.cpu_kernel``). A failed
+(no compiler, no ninja). ``make setup`` builds all three ahead (``python -m pipeline.attention.cpu_kernel``). A failed
 build (no compiler, no ninja) is one logged warning and the loader returns None: the caller uses its torch path.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ def build_directory(source: Path = SOURCE, stem: str = STEM) -> tuple[str, Path]
     """(library name, folder) of the build for this source, CPU, torch and Python."""
     isa = _isa()
     key = hashlib.sha256(source.read_bytes())
+    for header in sorted(SOURCE.parent.glob("*.h")):  # the sources' shared headers (csrc/vec_exp.h)
+        key.update(header.read_bytes())
     key.update(" ".join([*_flags(isa), torch.__version__, sys.version]).encode())
     name = f"{stem}_{isa}_{key.hexdigest()[:12]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser(
@@ -141,10 +144,12 @@ def available() -> bool:
 
 
 if __name__ == "__main__":  # make setup: build ahead so a first request does not pay the compile
-    from pipeline.models import packed_linear
+    from pipeline.models import gated_activation, packed_linear
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print("fusionserve: CPU paged attention op", "built in " + str(build_directory()[1]) if available()
           else "not built: the torch attention path serves on CPU")
     print("fusionserve: CPU few-row linear op", "built in " + str(packed_linear.build_directory()[1])
           if packed_linear.load_small_linear() else "not built: F.linear serves 1-3 rows, oneDNN from 4")
+    print("fusionserve: CPU GELU-and-multiply op", "built in " + str(gated_activation.build_directory()[1])
+          if gated_activation.load_op() else "not built: torch's gelu and mul serve")

@@ -23,7 +23,7 @@ from tokenization import Interleaver
 
 SUPPORTED_MODEL_TYPES = ("fuyu", "persimmon")
 ACTIVATIONS = {
-    "relu2": lambda x: F.relu(x).square(),
+    "relu2": lambda x: F.relu(x).square_(),  # squared in place: one tensor written, not two
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

@@ -18,7 +18,8 @@ from torch import nn
 from encoders import MediaLimits, VideoSampling
 from pipeline.attention import PagedAttention, StepContext
 from pipeline.models.base import CausalLM, StepMedia, rotate, signed_sin
-from pipeline.models.gemma4_unified_config import ACTIVATIONS, Gemma4Args, LayerSpec, VisionArgs
+from pipeline.models.gated_activation import GatedActivation
+from pipeline.models.gemma4_unified_config import Gemma4Args, LayerSpec, VisionArgs
 from pipeline.models.loading import load_weights, read_config
 from tokenization.gemma4_unified import Gemma4UnifiedLayout
 
@@ -40,12 +41,14 @@ class Attention(nn.Module):
         super().__init__()
         hidden, heads, dim, kv_heads = args.hidden_size, args.num_heads, spec.head_dim, spec.num_kv_heads
         self.heads, self.kv_heads, self.dim = heads, kv_heads, dim
-        self.q_proj = nn.Linear(hidden, heads * dim, bias=args.attention_bias)
         self.q_norm = RMSNorm(dim, args.rms_norm_eps)
         self.reads_shared_kv = spec.kv_source is not None
-        if not self.reads_shared_kv:
-            self.k_proj = nn.Linear(hidden, kv_heads * dim, bias=args.attention_bias)
-            self.v_proj = None if spec.k_eq_v else nn.Linear(hidden, kv_heads * dim, bias=args.attention_bias)
+        self.k_eq_v = spec.k_eq_v
+        if self.reads_shared_kv:
+            self.q_proj = nn.Linear(hidden, heads * dim, bias=args.attention_bias)
+        else:  # one GEMM: q_proj, k_proj (and v_proj unless values are the keys) stacked at load
+            self.sizes = [heads * dim] + [kv_heads * dim] * (1 if spec.k_eq_v else 2)
+            self.qkv_proj = nn.Linear(hidden, sum(self.sizes), bias=args.attention_bias)
             self.k_norm = RMSNorm(dim, args.rms_norm_eps)
             self.v_norm = RMSNorm(dim, args.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(heads * dim, hidden, bias=args.attention_bias)
@@ -54,12 +57,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = rotate(self.q_norm(self.q_proj(x).view(num_tokens, self.heads, self.dim)), cos, sin)  # [T, H, D]
         k = v = None
-        if not self.reads_shared_kv:
-            k = self.k_proj(x).view(num_tokens, self.kv_heads, self.dim)  # [T, Hkv, D]
-            v = k if self.v_proj is None else self.v_proj(x).view(num_tokens, self.kv_heads, self.dim)
+        if self.reads_shared_kv:
+            q = self.q_proj(x)
+        else:
+            q, k, *rest = self.qkv_proj(x).split(self.sizes, dim=-1)
+            k = k.view(num_tokens, self.kv_heads, self.dim)  # [T, Hkv, D]
+            v = k if self.k_eq_v else rest[0].view(num_tokens, self.kv_heads, self.dim)
             k, v = rotate(self.k_norm(k), cos, sin), self.v_norm(v)  # values: no RoPE, unscaled norm
+        q = rotate(self.q_norm(q.view(num_tokens, self.heads, self.dim)), cos, sin)  # [T, H, D]
         return self.o_proj(self.attn(q, k, v).reshape(num_tokens, -1))
 
 
@@ -72,18 +78,17 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(args, spec, ctx)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
-        self.mlp = nn.Module()
-        self.mlp.gate_proj = nn.Linear(hidden, spec.intermediate_size, bias=False)
-        self.mlp.up_proj = nn.Linear(hidden, spec.intermediate_size, bias=False)
+        self.mlp = nn.Module()  # gate_proj and up_proj stacked at load: one GEMM, then act(gate) * up
+        self.mlp.gate_up_proj = nn.Linear(hidden, 2 * spec.intermediate_size, bias=False)
         self.mlp.down_proj = nn.Linear(spec.intermediate_size, hidden, bias=False)
+        self.mlp.act_and_mul = GatedActivation(args.hidden_act)
         self.post_feedforward_layernorm = RMSNorm(hidden, eps)
         self.layer_scalar = nn.Parameter(torch.ones(1))
-        self.act = ACTIVATIONS[args.hidden_act]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
         h = self.pre_feedforward_layernorm(x)
-        h = self.mlp.down_proj(self.act(self.mlp.gate_proj(h)) * self.mlp.up_proj(h))
+        h = self.mlp.down_proj(self.mlp.act_and_mul(self.mlp.gate_up_proj(h)))
         return (x + self.post_feedforward_layernorm(h)) * self.layer_scalar
 
 
@@ -210,6 +215,10 @@ class Gemma4UnifiedModel(CausalLM):
         return logits.float()
 
 
+# fused modules: the checkpoint's projections stacked into one weight each (a shared-KV layer keeps its q_proj)
+STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def _rename(name: str) -> str:
     """Checkpoint names (as saved by transformers, or as in its modules) -> ours."""
     for old, new in (("model.language_model.", ""), ("model.vision_embedder.", "vision."),
@@ -237,7 +246,8 @@ def load_model(path: str | Path, ctx: StepContext, device: torch.device | str = 
     with torch.device("meta"):
         model = Gemma4UnifiedModel(args, ctx)
     skip = {"lm_head.weight"} if args.tie_word_embeddings else set()
-    load_weights(model, folder, _rename, f"a {len(args.layers)}-layer Gemma 4 Unified model", device, dtype, skip)
+    load_weights(model, folder, _rename, f"a {len(args.layers)}-layer Gemma 4 Unified model", device, dtype, skip,
+                 stacked=STACKED)
     model.init_constants(device)
     return model.eval().requires_grad_(False)
 

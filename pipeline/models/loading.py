@@ -54,18 +54,31 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def load_weights(model: nn.Module, folder: str | Path, rename: Callable[[str], str | None], what: str,
-                 device: torch.device | str, dtype: torch.dtype, skip: set[str] = frozenset()) -> None:
+                 device: torch.device | str, dtype: torch.dtype, skip: set[str] = frozenset(),
+                 stacked: dict[str, tuple[str, ...]] | None = None) -> None:
     """Loads every tensor of the folder into ``model`` (built on the meta device), cast to ``dtype``.
     ``rename`` maps a checkpoint name to a parameter name, or None for a tensor to ignore; ``skip``: parameters
-    the checkpoint need not hold (tied weights). Unexpected, missing or misshapen tensors are ValueErrors."""
+    the checkpoint need not hold (tied weights); ``stacked``: fused modules and the checkpoint modules they stack
+    along dim 0, in order (``{"qkv_proj": ("q_proj", "k_proj", "v_proj")}``: ``a.q_proj.weight`` goes into
+    ``a.qkv_proj.weight`` where the model has that parameter, the parts it holds concatenated in that order).
+    Unexpected, missing or misshapen tensors are ValueErrors."""
     folder = Path(folder)
     expected = {name: p for name, p in model.named_parameters() if name not in skip}
+    stacked = stacked or {}
+    into = {part: (fused, i) for fused, parts in stacked.items() for i, part in enumerate(parts)}
     loaded: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[int, tuple[str, torch.Tensor]]] = {}  # stacked parameter: its parts by index
     for file in checkpoint_files(folder):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for raw in f.keys():
                 name = rename(raw)
                 if name is None or name in skip:
+                    continue
+                module, _, leaf = name.rpartition(".")
+                parent, _, child = module.rpartition(".")
+                fused = child in into and ".".join(filter(None, (parent, into[child][0], leaf)))
+                if fused in expected:
+                    pieces.setdefault(fused, {})[into[child][1]] = (raw, f.get_tensor(raw))
                     continue
                 if name not in expected:
                     raise ValueError(f"unexpected tensor {raw!r} in {file.name}: no such parameter in {what}")
@@ -74,7 +87,19 @@ def load_weights(model: nn.Module, folder: str | Path, rename: Callable[[str], s
                     raise ValueError(f"tensor {raw!r} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(expected[name].shape)} from config.json")
                 loaded[name] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(loaded))
+    for fused, parts in pieces.items():
+        names = [raw for _, (raw, _) in sorted(parts.items())]
+        tensor = torch.cat([t for _, (_, t) in sorted(parts.items())])
+        if tuple(tensor.shape) != tuple(expected[fused].shape):
+            raise ValueError(f"tensors {names} stack to shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(expected[fused].shape)} for {fused} from config.json (is one missing?)")
+        loaded[fused] = tensor.to(device=device, dtype=dtype)
+
+    def described(name: str) -> str:  # a stacked parameter: with the checkpoint modules it is made of
+        module = name.split(".")[-2] if "." in name else ""
+        return f"{name} (stacked from {'/'.join(stacked[module])})" if module in stacked else name
+
+    missing = [described(name) for name in sorted(set(expected) - set(loaded))]
     if missing:
         raise ValueError(f"checkpoint in {folder} is missing tensor(s): {', '.join(missing[:8])}"
                          + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
