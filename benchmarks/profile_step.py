@@ -35,9 +35,9 @@ from pipeline.sampling import SamplingParams
 _TAG = "fs::"
 # module attribute name -> part
 _PARTS_BY_NAME = {
-    "query_key_value": "qkv proj", "q_proj": "qkv proj", "k_proj": "qkv proj", "v_proj": "qkv proj",
+    "query_key_value": "qkv proj", "qkv_proj": "qkv proj", "q_proj": "qkv proj",
     "dense": "o proj", "o_proj": "o proj",
-    "dense_h_to_4h": "MLP", "dense_4h_to_h": "MLP", "gate_proj": "MLP", "up_proj": "MLP", "down_proj": "MLP",
+    "dense_h_to_4h": "MLP", "dense_4h_to_h": "MLP", "gate_up_proj": "MLP", "act_and_mul": "MLP", "down_proj": "MLP",
 }
 # inside attention: op -> sub-part
 _ATTENTION_OPS = {"aten::index_copy_": "KV write", "aten::index_select": "gather",
