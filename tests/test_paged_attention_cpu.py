@@ -125,6 +125,18 @@ def test_prefill_chunks_and_mixed_steps(window):
 
 
 @needs_op
+@pytest.mark.parametrize("window", [None, 5, 40])
+@pytest.mark.parametrize("ratio", [1, 2, 4])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 24])
+def test_prefill_tiles(window, ratio, head_dim):
+    """Prefill chunks (tiles of 8 or more query rows per KV head take the blocked path when the head dim is a
+    multiple of 16; 24 is not): fresh and after a cached prefix, a partial last tile (rows padded), 4 to 130
+    tokens (chunks of keys up to five), with a bidirectional run and decodes beside them."""
+    check([130, 4, 1, 21, 9], [130, 70, 33, 21, 90], num_heads=2 * ratio, num_kv_heads=2, head_dim=head_dim,
+          window=window, runs=[[(3, 50)], [], [], [(0, 12)], [(83, 88)]], seed=ratio + head_dim)
+
+
+@needs_op
 @pytest.mark.parametrize("window", [None, 3, 100])
 def test_bidirectional_runs(window):
     """Runs longer than the window; a chunk starting inside a run (a prefix hit); a decode after a run; a

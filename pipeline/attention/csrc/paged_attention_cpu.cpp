@@ -172,20 +172,35 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t heads_per_item = (num_kv_heads + splits - 1) / splits;
   const int64_t num_items = num_tiles * splits;
   int64_t read_keys = 0, work_keys = 0;  // keys read (runs aside), and query-key pairs
-  for (const Tile& tile : tiles) {
+  std::vector<int64_t> done(num_tiles + 1, 0);  // query-key pairs of the tiles before each
+  for (int64_t i = 0; i < num_tiles; ++i) {
+    const Tile& tile = tiles[i];
     const int64_t end_pos = tile.first_pos + tile.num_tokens;
     const int64_t span = window > 0 ? std::min(end_pos, window + tile.num_tokens - 1) : end_pos;
     read_keys += span, work_keys += span * tile.num_tokens;
+    done[i + 1] = work_keys;
   }
+  // the items in one contiguous range per thread, of equal work: a prefill chunk's tiles see more keys the later
+  // they come (split by count, the thread with the second half of a causal chunk does three quarters of it);
   // a small step runs on one thread
-  const int64_t grain = work_keys * num_heads * head_dim < (1 << 18) ? num_items : 1;
+  const int64_t num_groups = work_keys * num_heads * head_dim < (1 << 18) ? 1 : std::min(threads, num_items);
+  std::vector<int64_t> bounds(num_groups + 1, num_items);  // group g: the items [bounds[g], bounds[g + 1])
+  for (int64_t g = 0, item = 0; g < num_groups; ++g) {
+    const int64_t target = work_keys * g / num_groups;  // the work before the group's first item
+    auto before = [&](int64_t i) {  // the work before item i (a tile's items: equal shares of its work)
+      const int64_t t = i / splits;
+      return done[t] + (done[t + 1] - done[t]) * (i % splits) / splits;
+    };
+    while (item < num_items && before(item) < target) ++item;
+    bounds[g] = item;
+  }
   // fp32 rows are read in place while the step's K/V fit in the caches; past that each chunk is copied into a
   // per-thread buffer in address order (a sequential stream through memory: 1.1-1.25x at batch 32, context
   // 256-1024, one thread); half pools are always converted that way
   const int64_t kv_bytes = 2 * read_keys * num_kv_heads * head_dim * static_cast<int64_t>(sizeof(float));
   const bool direct = kFloat && kv_bytes < (int64_t(8) << 20);
 
-  at::parallel_for(0, num_items, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_groups, 1, [&](int64_t group_begin, int64_t group_end) {
     const int64_t max_rows = kTileTokens * heads_per_item * group;
     std::vector<float> qf(max_rows * head_dim), acc(max_rows * head_dim), m(max_rows), l(max_rows);
     std::vector<int64_t> lo(max_rows), hi(max_rows);
@@ -193,7 +208,7 @@ void attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     std::vector<float> vbuf(direct ? 0 : heads_per_item * kChunk * head_dim);
     std::vector<const float*> krow(heads_per_item * kChunk), vrow(heads_per_item * kChunk);  // [head][key]
     float s[kChunk];
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = bounds[group_begin]; item < bounds[group_end]; ++item) {
       const Tile& tile = tiles[item / splits];
       const int64_t h0 = (item % splits) * heads_per_item, h1 = std::min(num_kv_heads, h0 + heads_per_item);
       if (h0 >= h1) continue;
