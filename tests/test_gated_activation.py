@@ -62,6 +62,14 @@ def test_every_activation_and_the_torch_path(name, monkeypatch):
     torch.testing.assert_close(unbuilt(x), reference(name, x), rtol=1e-5, atol=1e-6)
 
 
+def test_the_op_serves_only_on_cpu(monkeypatch):
+    monkeypatch.setattr(gated_activation, "load_op", lambda: pytest.fail("loaded for a GPU"))
+    act = GatedActivation("gelu_pytorch_tanh", device=None)  # a model built on the meta device: not yet
+    assert act.op is None
+    act.prepare("cuda")
+    assert act.op is None
+
+
 def test_unknown_activation_is_a_value_error():
     with pytest.raises(ValueError, match="unsupported activation 'swish2'"):
         GatedActivation("swish2")

@@ -169,6 +169,8 @@ def _cuts(prompt: Prompt) -> list[int]:
 def _check_logits(name, checkpoint, text, **media):
     folder, processor, hf = checkpoint(name)
     ours = Paged(folder)
+    # the stacked projections and, on CPU in float32, the one-pass GELU-and-multiply op run these logits
+    assert all(layer.mlp.act_and_mul.op is not None for layer in ours.model.layers)
     prompt = _prompt(processor, ours.model.args, text, **media)
     cuts = _cuts(prompt) if prompt.runs else [5, 17, 18]
     assert len(prompt.ids) > 2 * max(s.sliding_window or 0 for s in ours.model.args.layers)

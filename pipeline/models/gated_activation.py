@@ -48,14 +48,20 @@ def build_directory() -> tuple[str, Path]:
 
 class GatedActivation(torch.nn.Module):
     """``act(gate) * up`` of ``x = [gate | up]`` (last dim split in halves); ``name`` is a config's
-    ``hidden_act`` / ``hidden_activation``, one of ``ACTIVATIONS``."""
+    ``hidden_act`` / ``hidden_activation``, one of ``ACTIVATIONS``; ``device``: where it will run (None: not
+    known yet, a model built on the meta device; its loader calls ``prepare``)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, device: torch.device | str | None = "cpu"):
         super().__init__()
         if name not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
-        self.name, self.act = name, ACTIVATIONS[name]
-        self.op = load_op() if name in TANH_GELU else None
+        self.name, self.act, self.op = name, ACTIVATIONS[name], None
+        if device is not None:
+            self.prepare(device)
+
+    def prepare(self, device: torch.device | str) -> None:
+        """The one-pass op for tanh GELU on CPU (built on first use, so never on a GPU machine); torch's else."""
+        self.op = load_op() if self.name in TANH_GELU and torch.device(device).type == "cpu" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.op is not None and x.dim() == 2 and x.device.type == "cpu" and x.dtype == torch.float32

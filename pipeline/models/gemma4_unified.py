@@ -81,7 +81,7 @@ class DecoderLayer(nn.Module):
         self.mlp = nn.Module()  # gate_proj and up_proj stacked at load: one GEMM, then act(gate) * up
         self.mlp.gate_up_proj = nn.Linear(hidden, 2 * spec.intermediate_size, bias=False)
         self.mlp.down_proj = nn.Linear(spec.intermediate_size, hidden, bias=False)
-        self.mlp.act_and_mul = GatedActivation(args.hidden_act)
+        self.mlp.act_and_mul = GatedActivation(args.hidden_act, device=None)  # prepared by load_model
         self.post_feedforward_layernorm = RMSNorm(hidden, eps)
         self.layer_scalar = nn.Parameter(torch.ones(1))
 
@@ -249,6 +249,9 @@ def load_model(path: str | Path, ctx: StepContext, device: torch.device | str = 
     load_weights(model, folder, _rename, f"a {len(args.layers)}-layer Gemma 4 Unified model", device, dtype, skip,
                  stacked=STACKED)
     model.init_constants(device)
+    for module in model.modules():
+        if isinstance(module, GatedActivation):
+            module.prepare(device)
     return model.eval().requires_grad_(False)
 
 

@@ -76,8 +76,8 @@ def load_weights(model: nn.Module, folder: str | Path, rename: Callable[[str], s
                     continue
                 module, _, leaf = name.rpartition(".")
                 parent, _, child = module.rpartition(".")
-                fused = child in into and ".".join(filter(None, (parent, into[child][0], leaf)))
-                if fused in expected:
+                fused = ".".join(filter(None, (parent, into[child][0], leaf))) if child in into else None
+                if fused in expected:  # a part of a stacked parameter
                     pieces.setdefault(fused, {})[into[child][1]] = (raw, f.get_tensor(raw))
                     continue
                 if name not in expected:
