@@ -13,7 +13,6 @@ as in a step). Median of ``--repeat`` timings of about ``--budget-ms`` each, the
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.linear import per_call_ms
+from benchmarks.linear import per_call_ms, timing_args
 from pipeline.models.gated_activation import GatedActivation
 from pipeline.models.packed_linear import PackedLinear
 
@@ -44,14 +43,7 @@ def timed(variants: dict, x: torch.Tensor, repeat: int, budget_ms: float) -> dic
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default="1,4,8,64,344,2048")
-    p.add_argument("--repeat", type=int, default=7)
-    p.add_argument("--budget-ms", type=float, default=40.0, help="about this long per timing")
-    p.add_argument("--weights-mib", type=float, default=96.0, help="distinct weight copies cycled through")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = timing_args(__doc__, "1,4,8,64,344,2048")
     torch.manual_seed(0)
     act = GatedActivation("gelu_pytorch_tanh")
     print(f"threads {args.threads}, torch {torch.__version__}, float32, weights from {args.weights_mib:g} MiB of "

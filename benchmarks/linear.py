@@ -34,15 +34,21 @@ def per_call_ms(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def timing_args(doc: str, rows: str) -> argparse.Namespace:
+    """The options of a kernel benchmark (threads, rows, repeats, weights from memory), torch's threads set."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", default="1,2,4,8,16,64,170,2048")
+    p.add_argument("--rows", default=rows)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--budget-ms", type=float, default=40.0, help="about this long per timing")
     p.add_argument("--weights-mib", type=float, default=96.0, help="distinct weight copies cycled through")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = timing_args(__doc__, "1,2,4,8,16,64,170,2048")
     small = load_small_linear()
     print(f"threads {args.threads}, torch {torch.__version__}, float32, weights from "
           f"{f'{args.weights_mib:g} MiB of copies' if args.weights_mib else 'one hot copy'}; ms per call, median "
