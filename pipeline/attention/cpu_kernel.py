@@ -147,9 +147,11 @@ if __name__ == "__main__":  # make setup: build ahead so a first request does no
     from pipeline.models import gated_activation, packed_linear
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print("fusionserve: CPU paged attention op", "built in " + str(build_directory()[1]) if available()
-          else "not built: the torch attention path serves on CPU")
-    print("fusionserve: CPU few-row linear op", "built in " + str(packed_linear.build_directory()[1])
-          if packed_linear.load_small_linear() else "not built: F.linear serves 1-3 rows, oneDNN from 4")
-    print("fusionserve: CPU GELU-and-multiply op", "built in " + str(gated_activation.build_directory()[1])
-          if gated_activation.load_op() else "not built: torch's gelu and mul serve")
+    for what, load, source, stem, otherwise in (
+            ("paged attention", load_op, SOURCE, STEM, "the torch attention path serves on CPU"),
+            ("few-row linear", packed_linear.load_small_linear, packed_linear.SOURCE, packed_linear.STEM,
+             "F.linear serves 1-3 rows, oneDNN from 4"),
+            ("GELU-and-multiply", gated_activation.load_op, gated_activation.SOURCE, gated_activation.STEM,
+             "torch's gelu and mul serve")):
+        print(f"fusionserve: CPU {what} op", f"built in {build_directory(source, stem)[1]}" if load()
+              else f"not built: {otherwise}")

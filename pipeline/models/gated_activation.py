@@ -42,10 +42,6 @@ def load_op():
                                    "torch's gelu and mul")
 
 
-def build_directory() -> tuple[str, Path]:
-    return cpu_kernel.build_directory(SOURCE, STEM)
-
-
 class GatedActivation(torch.nn.Module):
     """``act(gate) * up`` of ``x = [gate | up]`` (last dim split in halves); ``name`` is a config's
     ``hidden_act`` / ``hidden_activation``, one of ``ACTIVATIONS``; ``device``: where it will run (None: not

@@ -43,10 +43,6 @@ def load_small_linear():
                                    "F.linear for 1-3 rows")
 
 
-def build_directory() -> tuple[str, Path]:
-    return cpu_kernel.build_directory(SOURCE, STEM)
-
-
 # packed weights by handle, for the compiled decode step: a torch.compile graph cannot hold a oneDNN-layout
 # tensor (inductor's own oneDNN lowering wants it a frozen constant), so the graph calls this op with the handle
 # (a constant of the graph) and the plain weight (for its shape); weak: a handle dies with its PackedLinear
